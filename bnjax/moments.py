@@ -120,7 +120,8 @@ def pooled_moments(
   each device normalizes its own groups.
 
   Args:
-    moments: per-group statistics with the group axis first, `[G, 1, ..., C]`.
+    moments: per-group statistics with the group axis first, `[G, 1, ..., C]`
+      (G may be 1: the statistics of a whole local batch, `[1, ..., C]`).
     axis_name: mapped axis whose groups are pooled too (None: local groups only).
     axis_index_groups: optional subgroups of `axis_name`.
 

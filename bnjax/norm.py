@@ -180,7 +180,8 @@ class _Layout(NamedTuple):
   reduce_axes: tuple  # axes of the view that statistics reduce over
   feature_shape: tuple  # how [C] vectors broadcast against x: [1, ..., C, ...]
   view_feature_shape: tuple  # how [C] vectors broadcast against the view
-  ghost: bool  # whether the view has a leading group axis
+  ghost: bool  # virtual batches: statistics local to each group (and device)
+  grouped: bool  # whether the view has a leading group axis (more than one group)
 
 
 def _layout(fn, x, num_features, axis, virtual_batch_size, mask) -> _Layout:
@@ -220,13 +221,13 @@ def _layout(fn, x, num_features, axis, virtual_batch_size, mask) -> _Layout:
           f'broadcastable to x {x.shape} with the batch axis in full.'
       )
   feature_shape = tuple(num_features if a == feature_axis else 1 for a in range(x.ndim))
-  ghost = virtual_batch_size is not None and virtual_batch_size < batch
-  if ghost:
+  ghost = virtual_batch_size is not None
+  if ghost and virtual_batch_size < batch:
     view_shape = (batch // virtual_batch_size, virtual_batch_size) + x.shape[1:]
     reduce_axes = tuple(a for a in range(1, len(view_shape)) if a != feature_axis + 1)
-    return _Layout(view_shape, reduce_axes, feature_shape, (1,) + feature_shape, True)
+    return _Layout(view_shape, reduce_axes, feature_shape, (1,) + feature_shape, True, True)
   reduce_axes = tuple(a for a in range(x.ndim) if a != feature_axis)
-  return _Layout(x.shape, reduce_axes, feature_shape, feature_shape, False)
+  return _Layout(x.shape, reduce_axes, feature_shape, feature_shape, ghost, False)
 
 
 def _check_training(fn, training):
@@ -244,7 +245,7 @@ def _mask_view(mask, layout: _Layout, x_shape: tuple):
   mask = jnp.asarray(mask, bool)
   if mask.ndim == 1:
     mask = mask.reshape(mask.shape + (1,) * (len(x_shape) - 1))
-  if layout.ghost:
+  if layout.grouped:
     return mask.reshape(layout.view_shape[:2] + mask.shape[1:])
   return mask
 
@@ -270,8 +271,9 @@ def _training_statistics(x, layout, mask, axis_name, axis_index_groups):
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask, axis_name, axis_index_groups)
     tracked, stats_axis_name = batch, axis_name
   else:
-    # Ghost BN: each local group is normalized on its own; the moving
-    # statistics track the pooled group statistics of every device.
+    # Ghost BN: each local group is normalized on its own (one group may be
+    # the whole local batch: per-device BN); the moving statistics track the
+    # pooled group statistics of every device.
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask)
     tracked = moments_lib.pooled_moments(batch, axis_name, axis_index_groups)
     stats_axis_name = None

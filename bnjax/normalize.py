@@ -70,8 +70,8 @@ def normalize(
     return y if offset is None else y + offset
   multiplier = jnp.ones((1,) * x.ndim, x.dtype) if multiplier is None else multiplier
   offset = jnp.zeros((1,) * x.ndim, x.dtype) if offset is None else offset
-  stats = jax.lax.stop_gradient((moments.mean, jax.lax.rsqrt(moments.var + epsilon), moments.count))
-  return _normalize_local(x, multiplier, offset, mask, *stats, reduce_axes)
+  inv_std = jax.lax.rsqrt(moments.var + epsilon)
+  return _normalize_local(x, multiplier, offset, mask, moments.mean, inv_std, moments.count, reduce_axes)
 
 
 def _sum_to_shape(value: Array, shape: tuple) -> Array:
@@ -102,9 +102,10 @@ def _normalize_local_bwd(reduce_axes, residuals, dy):
   dx = coef * dy - through_stats
   d_multiplier = _sum_to_shape(sum_dy_x_hat, multiplier.shape).astype(multiplier.dtype)
   d_offset = _sum_to_shape(sum_dy, offset.shape).astype(offset.dtype)
-  zeros = jax.tree.map(jnp.zeros_like, (mean, inv_std, count))
-  mask_cotangent = None
-  return (dx, d_multiplier, d_offset, mask_cotangent) + zeros
+  # The statistics' dependence on x is in dx already: their own cotangents
+  # are (symbolic) zeros. They are still inputs, not stop_gradient'ed, so that
+  # differentiating this backward pass (second order) goes through them.
+  return dx, d_multiplier, d_offset, None, None, None, None
 
 
 _normalize_local.defvjp(_normalize_local_fwd, _normalize_local_bwd)
