@@ -17,6 +17,8 @@ import pytest
 from bnjax import data
 from bnjax.data import formats
 
+from fixtures import write_idx, write_idx_folder
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 
@@ -32,29 +34,12 @@ def no_data_in_environment(monkeypatch, tmp_path):
 # Writers of the canonical formats (the reference the readers must invert).
 
 
-def write_idx(path, array):
-  """IDX: 0x00 0x00, type code 0x08 (uint8), ndim, big-endian uint32 dims, then the bytes."""
-  content = bytes([0, 0, 0x08, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
-  content += np.ascontiguousarray(array, np.uint8).tobytes()
-  path.write_bytes(gzip.compress(content) if path.suffix == '.gz' else content)
-  return path
-
-
 def fake_raw(seed, image_shape=(28, 28, 1), num_train=20, num_test=7):
   """Random uint8 images [N, H, W, C] and labels in [0, 10), as `data.Raw` arrays."""
   rng = np.random.default_rng(seed)
   images = lambda n: rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
   labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
   return data.Raw(images(num_train), labels(num_train), images(num_test), labels(num_test), '')
-
-
-def write_idx_folder(folder, raw, gz=True):
-  folder.mkdir(parents=True, exist_ok=True)
-  suffix = '.gz' if gz else ''
-  for role, stem in formats.IDX_FILES.items():
-    array = getattr(raw, role)
-    write_idx(folder / (stem + suffix), array[..., 0] if array.ndim == 4 else array)
-  return folder
 
 
 def write_keras_npz(path, raw):

@@ -1,0 +1,226 @@
+"""Training and evaluation as pure functions of (state, batch).
+
+The whole data set lives on the device. An epoch is a device-side permutation
+of the training examples, cut into `[steps, batch_size]` index batches, and a
+jitted `lax.scan` of `train_step` over them: no host work per step. (The
+caller may scan the epoch in a few chunks to refresh a progress bar; the
+result is the same.)
+
+The last partial batch of an epoch is dropped: every step sees exactly
+`batch_size` examples, so BN's batch statistics always come from a full batch,
+and each epoch reshuffles, so no example is left out systematically.
+Evaluation covers every example: full batches in one scan, then the
+remainder as one smaller batch.
+
+Everything random derives from `TrainState.rng` with `fold_in(step)` (dropout,
+augmentation) or `fold_in(epoch)` (shuffling): a run is deterministic given
+its seed, and a run resumed from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jnp.ndarray
+
+_SHUFFLE_STREAM = 1  # fold_in tags keep the random streams apart
+_STEP_STREAM = 2
+
+
+class TrainState(NamedTuple):
+  """Everything a training run carries from step to step (a pytree: jit, vmap, checkpoint).
+
+  Attributes:
+    params: the model's trainable parameters.
+    batch_stats: the BN moving statistics (the model's `batch_stats` collection).
+    opt_state: the optimizer's state.
+    step: `[]` int32, training steps taken.
+    rng: `[2]` uint32 base key of the run; never advanced, only folded.
+  """
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  step: Array
+  rng: Array
+
+
+class Metrics(NamedTuple):
+  """Sums over examples, so that batches and devices add up exactly."""
+
+  loss_sum: Array
+  correct: Array
+  count: Array
+
+  def mean_loss(self):
+    return self.loss_sum / jnp.maximum(self.count, 1)
+
+  def accuracy(self):
+    return self.correct / jnp.maximum(self.count, 1)
+
+
+def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, seed: int, sample: Array) -> TrainState:
+  """Initial parameters, moving statistics and optimizer state for `sample`'s shape `[N, ...]`."""
+  rng = jax.random.PRNGKey(seed)
+  variables = model.init({'params': jax.random.fold_in(rng, 0)}, sample, train=False)
+  params = variables['params']
+  return TrainState(
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+  )
+
+
+def batch_metrics(logits: Array, labels: Array) -> Metrics:
+  """Softmax cross-entropy and accuracy sums for `logits [N, K]`, integer `labels [N]`."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+  return Metrics(jnp.sum(losses), correct.astype(jnp.float32), jnp.asarray(labels.shape[0], jnp.float32))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    images: Array,
+    labels: Array,
+    hparams: Mapping | None = None,
+    *,
+    update_stats: bool = True,
+    augment: Callable[[Array, Array], Array] | None = None,
+) -> tuple[TrainState, Metrics]:
+  """One optimizer step on a batch `images [B, ...]`, `labels [B]`.
+
+  Args:
+    hparams: values the model takes at call time (momentum, dropout_rate, ...;
+      see `bnjax.models`), e.g. one of K vmapped runs' values.
+    update_stats: False reproduces the classic bug: train with batch
+      statistics but never keep the updated moving statistics.
+    augment: optional `(key, images) -> images`, applied on device.
+  """
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
+  augment_rng, dropout_rng = jax.random.split(step_rng)
+  if augment is not None:
+    images = augment(augment_rng, images)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        images,
+        train=True,
+        hparams=hparams,
+        rngs={'dropout': dropout_rng},
+        mutable=['batch_stats'],
+    )
+    metrics = batch_metrics(logits, labels)
+    return metrics.loss_sum / labels.shape[0], (metrics, updates.get('batch_stats', {}))
+
+  grads, (metrics, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = TrainState(
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=new_batch_stats if update_stats else state.batch_stats,
+      opt_state=opt_state,
+      step=state.step + 1,
+      rng=state.rng,
+  )
+  return new_state, metrics
+
+
+def eval_step(
+    model: nn.Module,
+    state: TrainState,
+    images: Array,
+    labels: Array,
+    hparams: Mapping | None = None,
+    *,
+    batch_stats_mode: bool = False,
+) -> Metrics:
+  """Metrics of a batch: with the moving statistics (the correct way), or with the batch's own.
+
+  `batch_stats_mode=True` evaluates as in training (each batch normalized by
+  its own statistics, updates discarded) but without dropout.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if batch_stats_mode:
+    hparams = dict(hparams or {}, dropout_rate=0.0)
+    logits, _ = model.apply(variables, images, train=True, hparams=hparams, mutable=['batch_stats'])
+  else:
+    logits = model.apply(variables, images, train=False, hparams=hparams)
+  return batch_metrics(logits, labels)
+
+
+def _add(a: Metrics, b: Metrics) -> Metrics:
+  return Metrics(*(x + y for x, y in zip(a, b)))
+
+
+def zero_metrics() -> Metrics:
+  return Metrics(*(jnp.zeros((), jnp.float32) for _ in range(3)))
+
+
+def epoch_batches(state: TrainState, epoch: int | Array, num_examples: int, batch_size: int) -> Array:
+  """`[num_examples // batch_size, batch_size]` example indices of one epoch, shuffled on device."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, _SHUFFLE_STREAM), epoch)
+  steps = num_examples // batch_size
+  return jax.random.permutation(rng, num_examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def make_train_steps(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    update_stats: bool = True,
+    augment: Callable[[Array, Array], Array] | None = None,
+) -> Callable:
+  """`run(state, images, labels, batch_indices [S, B], hparams) -> (state, Metrics)`: S steps in one scan.
+
+  Not jitted: jit it (with the state donated) or vmap it first over K runs.
+  """
+  step = functools.partial(train_step, model, optimizer, update_stats=update_stats, augment=augment)
+
+  def run(state, images, labels, batch_indices, hparams=None):
+    def body(carry, indices):
+      state, totals = carry
+      state, metrics = step(state, images[indices], labels[indices], hparams)
+      return (state, _add(totals, metrics)), None
+
+    (state, totals), _ = jax.lax.scan(body, (state, zero_metrics()), batch_indices)
+    return state, totals
+
+  return run
+
+
+def make_evaluate(model: nn.Module, *, batch_size: int, batch_stats_mode: bool = False) -> Callable:
+  """`evaluate(state, images, labels, hparams) -> Metrics` over every example, in batches.
+
+  Full batches run in one scan; the remainder (if any) as one smaller batch.
+  With `batch_stats_mode` the batch size is part of the experiment (the
+  statistics of `batch_size` test examples), so the remainder batch's
+  statistics come from fewer examples.
+  """
+  step = functools.partial(eval_step, model, batch_stats_mode=batch_stats_mode)
+
+  def evaluate(state, images, labels, hparams=None):
+    num = images.shape[0]
+    full = num // batch_size
+    totals = zero_metrics()
+    if full:
+      shaped = lambda a: a[: full * batch_size].reshape((full, batch_size) + a.shape[1:])
+
+      def body(totals, batch):
+        return _add(totals, step(state, batch[0], batch[1], hparams)), None
+
+      totals, _ = jax.lax.scan(body, totals, (shaped(images), shaped(labels)))
+    if num % batch_size:
+      totals = _add(totals, step(state, images[full * batch_size :], labels[full * batch_size :], hparams))
+    return totals
+
+  return evaluate

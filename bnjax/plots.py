@@ -1,0 +1,44 @@
+"""Plots of training histories (matplotlib, written to PNG files; no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = '') -> Path:
+  """Train/validation loss and accuracy per epoch, one line style per run, as the sources plot them.
+
+  Args:
+    histories: `{run name: [metrics of epoch 1, 2, ...]}`, each a dict with
+      `epoch`, `train_loss`, `train_accuracy`, `val_loss`, `val_accuracy`.
+    path: the PNG to write.
+    title: figure title.
+  """
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  for index, (name, history) in enumerate(histories.items()):
+    color = f'C{index}'
+    label = f'{name} ' if len(histories) > 1 else ''
+    epochs = [m['epoch'] for m in history]
+    for ax, key in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+      ax.plot(epochs, [m[f'train_{key}'] for m in history], color=color, linestyle='--', label=f'{label}train')
+      ax.plot(epochs, [m[f'val_{key}'] for m in history], color=color, marker='o', markersize=3, label=f'{label}validation')
+  for ax, key in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

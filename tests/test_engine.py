@@ -1,0 +1,92 @@
+"""bnjax.engine: steps, epochs and evaluation as pure functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnjax import engine, models
+
+
+@pytest.fixture(scope='module')
+def small():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((130, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 130), jnp.int32)
+  model = models.get('mlp_seed', norm='bn', dropout_placement='end', dropout_rate=0.3)
+  optimizer = optax.adam(1e-3)
+  return model, optimizer, images, labels
+
+
+def test_epoch_batches_are_a_fresh_permutation_each_epoch(small):
+  model, optimizer, images, _ = small
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  b0 = np.asarray(engine.epoch_batches(state, 0, 130, 32))
+  b1 = np.asarray(engine.epoch_batches(state, 1, 130, 32))
+  assert b0.shape == (4, 32)  # 130 // 32 full batches: the partial one is dropped
+  assert len(set(b0.ravel())) == 128 and b0.max() < 130
+  assert not np.array_equal(b0, b1)
+  np.testing.assert_array_equal(b0, engine.epoch_batches(state, 0, 130, 32))
+
+
+def test_scan_of_steps_equals_a_loop_of_train_step(small):
+  model, _, images, labels = small
+  # SGD: Adam's first steps move by lr * sign(g), which turns rounding noise in
+  # tiny gradients into different updates.
+  optimizer = optax.sgd(0.1)
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  batches = engine.epoch_batches(state, 0, 130, 32)
+  scanned, totals = jax.jit(engine.make_train_steps(model, optimizer))(state, images, labels, batches)
+  step = jax.jit(lambda state, x, y: engine.train_step(model, optimizer, state, x, y))
+  looped = state
+  loss_sum = 0.0
+  for indices in batches:
+    looped, metrics = step(looped, images[indices], labels[indices])
+    loss_sum += float(metrics.loss_sum)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), scanned, looped)
+  np.testing.assert_allclose(totals.loss_sum, loss_sum, rtol=1e-5)
+  assert int(totals.count) == 128 and int(scanned.step) == 4
+
+
+def test_training_is_deterministic_given_the_seed(small):
+  model, optimizer, images, labels = small
+  run = jax.jit(engine.make_train_steps(model, optimizer))
+  results = []
+  for _ in range(2):
+    state = engine.init_train_state(model, optimizer, 7, images[:1])
+    results.append(run(state, images, labels, engine.epoch_batches(state, 0, 130, 32)))
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  other = engine.init_train_state(model, optimizer, 8, images[:1])
+  assert not np.array_equal(other.params['head']['kernel'], results[0][0].params['head']['kernel'])
+
+
+def test_update_stats_false_keeps_the_initial_moving_statistics(small):
+  model, optimizer, images, labels = small
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  new_state, _ = engine.train_step(model, optimizer, state, images[:32], labels[:32], update_stats=False)
+  jax.tree.map(np.testing.assert_array_equal, new_state.batch_stats, state.batch_stats)
+  assert not np.allclose(new_state.params['head']['kernel'], state.params['head']['kernel'])
+  updated, _ = engine.train_step(model, optimizer, state, images[:32], labels[:32])
+  assert not np.allclose(updated.batch_stats['norm_0']['mean'], state.batch_stats['norm_0']['mean'])
+
+
+@pytest.mark.parametrize('batch_size', [130, 50, 1000])
+def test_evaluate_covers_every_example(small, batch_size):
+  model, optimizer, images, labels = small
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  totals = jax.jit(engine.make_evaluate(model, batch_size=batch_size))(state, images, labels)
+  whole = engine.eval_step(model, state, images, labels)
+  assert int(totals.count) == 130
+  np.testing.assert_allclose(totals.loss_sum, whole.loss_sum, rtol=1e-5)
+  np.testing.assert_allclose(totals.correct, whole.correct)
+
+
+def test_batch_statistics_evaluation_uses_each_batch_and_no_dropout(small):
+  model, optimizer, images, labels = small
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  a = engine.eval_step(model, state, images[:50], labels[:50], batch_stats_mode=True)
+  b = engine.eval_step(model, state, images[:50], labels[:50], batch_stats_mode=True)
+  np.testing.assert_array_equal(a.loss_sum, b.loss_sum)  # deterministic: no dropout
+  moving = engine.eval_step(model, state, images[:50], labels[:50])
+  assert not np.isclose(float(a.loss_sum), float(moving.loss_sum))

@@ -1,0 +1,129 @@
+"""experiments/train.py as a user runs it: a subprocess, on generated data and (integration) on real MNIST."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from fixtures import write_learnable_mnist
+
+TRAIN = [sys.executable, str(REPO / 'experiments' / 'train.py')]
+
+
+def train(*flags, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(TRAIN + list(flags), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('data')
+  write_learnable_mnist(folder)
+  return folder
+
+
+def test_a_cli_run_produces_every_output(data_dir, tmp_path):
+  result = train(f'--data_dir={data_dir}', '--data_source=files', '--epochs=2', '--batch_size=100',
+                 f'--workdir={tmp_path}', '--norm=bn', '--momentum=0.9')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ('config.json', 'metrics.jsonl', 'summary.json', 'curves.png'):
+    assert (tmp_path / name).is_file(), name
+  assert list((tmp_path / 'checkpoints').iterdir())
+  assert json.loads((tmp_path / 'config.json').read_text())['config']['momentum'] == 0.9
+  assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 2
+  assert 'completed' in result.stdout and 'test acc' in result.stdout
+  assert 'epoch' in result.stderr  # the tqdm progress bar
+
+
+def test_cli_resume_after_an_interruption(data_dir, tmp_path):
+  common = [f'--data_dir={data_dir}', '--data_source=files', '--epochs=3', '--batch_size=100', '--progress=false']
+  assert train(*common, f'--workdir={tmp_path / "whole"}').returncode == 0
+  cut = train(*common, f'--workdir={tmp_path / "cut"}', '--interrupt_after_epoch=2')
+  assert cut.returncode == 3, cut.stderr[-2000:]
+  resumed = train(*common, f'--workdir={tmp_path / "cut"}', '--resume')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'resumed from the checkpoint of epoch 2' in resumed.stdout
+  drop_time = lambda m: {k: v for k, v in m.items() if 'second' not in k}
+  lines = lambda d: [drop_time(json.loads(l)) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+  assert lines('cut') == lines('whole')
+
+
+def test_a_diverging_cli_run_says_so_in_one_line(data_dir, tmp_path):
+  result = train(f'--data_dir={data_dir}', '--data_source=files', '--epochs=2', '--batch_size=100', '--norm=none',
+                 '--optimizer=sgd', '--learning_rate=10000', f'--workdir={tmp_path}', '--progress=false')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert 'diverged in epoch 1' in result.stdout
+  assert json.loads((tmp_path / 'summary.json').read_text())['status'] == 'diverged'
+
+
+INVALID_FLAGS = [
+    (['--batch_size=-1'], '--batch_size=-1'),
+    (['--momentum=1.5'], '--momentum=1.5'),
+    (['--norm=bn', '--rmax=2'], '--rmax=2.0'),
+    (['--dropout_placement=end', '--dropout_rate=1.0'], '--dropout_rate=1.0'),
+    (['--norm=batchnorm'], 'norm'),
+    (['--model=resnet'], '--model=resnet: value should be one of'),
+    (['--preset=seed999'], "--preset='seed999'"),
+    (['--epochs=0'], '--epochs=0'),
+    (['--resume'], '--resume needs the --workdir'),
+]
+
+
+@pytest.mark.parametrize('flags, message', INVALID_FLAGS, ids=[m for _, m in INVALID_FLAGS])
+def test_invalid_flags_are_rejected_before_any_work(flags, message, tmp_path):
+  result = train(*flags, f'--data_dir={tmp_path}', timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert not (REPO / 'runs').exists() or not any(p.name.startswith('seed999') for p in (REPO / 'runs').iterdir())
+
+
+def test_help_documents_every_flag():
+  result = train('--helpfull', timeout=120)
+  for flag in ('--[no]update_stats', '--eval_stats', '--virtual_batch_size', '--renorm_clipping', '--preset', '--[no]resume'):
+    assert flag in result.stdout
+
+
+needs_mnist = pytest.mark.skipif(
+    not (SHARED_DATA / 'mnist').is_dir(), reason=f'the real MNIST is not at {SHARED_DATA / "mnist"}'
+)
+
+
+@pytest.mark.integration
+@needs_mnist
+def test_preset_seed000_one_epoch_on_real_mnist(tmp_path):
+  """Both models reach 93% after one epoch, on the mean of three seeds.
+
+  One seed is too noisy a bar for the BN model: Keras 3 on the same data and
+  model gives 0.943, 0.924, 0.921 for seeds 0-2 (mean 0.929); bnjax gives
+  0.926, 0.940, 0.933 (mean 0.933). The moving averages still hold 0.99**120
+  = 30% of their initial values after one epoch of 120 steps.
+  """
+  accuracy = {'plain': [], 'bn': []}
+  for seed in (0, 1, 2):
+    workdir = tmp_path / f'seed{seed}'
+    result = train('--preset=seed000', '--epochs=1', f'--seed={seed}', f'--data_dir={SHARED_DATA}',
+                   f'--workdir={workdir}', '--progress=false', '--checkpoint_every=0')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / 'curves.png').is_file()
+    for variant in accuracy:
+      accuracy[variant].append(json.loads((workdir / variant / 'summary.json').read_text())['test_accuracy'])
+  for variant, values in accuracy.items():
+    assert sum(values) / 3 >= 0.93, (variant, values)
+    assert min(values) >= 0.9, (variant, values)
+
+
+@pytest.mark.integration
+@needs_mnist
+def test_moving_statistics_bug_on_real_mnist(tmp_path):
+  result = train('--epochs=1', '--norm=bn', '--update_stats=false', f'--data_dir={SHARED_DATA}',
+                 f'--workdir={tmp_path}', '--progress=false')
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  # Measured: about 0.63 with the (never updated) moving statistics, 0.96 with batch statistics.
+  assert summary['test_accuracy_moving_stats'] < 0.8
+  assert summary['test_accuracy_batch_stats'] > 0.93
