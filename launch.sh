@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# bnjax launcher: sets up .venv on first use, then runs a named job.
-#   ./launch.sh demo            the main job (see README)
-#   ./launch.sh test [pytest args]
+# bnjax launcher. Creates .venv and installs bnjax on first use (again when pyproject.toml changes).
+#
+#   ./launch.sh seed000 [flags]   the main job: MNIST MLP, plain vs BN (the source's study)
+#   ./launch.sh seed003 [flags]   the CIFAR-10 CNN study
+#   ./launch.sh train [flags]     any single experiment: experiments/train.py with your flags
+#   ./launch.sh demo              the functional API in a few lines
+#   ./launch.sh test [args]       the test suite (pytest args pass through)
+#
+# Data: the real MNIST/CIFAR-10 files are used where they are found (--data_dir, $BNJAX_DATA_DIR,
+# or ../shared/data beside this checkout); elsewhere TFDS downloads them.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,7 +16,6 @@ PYTHON=${PYTHON:-python3}
 VENV=${BNJAX_VENV:-.venv}
 
 ensure_venv() {
-  # Re-install when pyproject.toml changes; the stamp holds its hash.
   local stamp="$VENV/.bnjax-installed" want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
   if [[ ! -x "$VENV/bin/python" ]]; then
@@ -22,6 +28,13 @@ ensure_venv() {
   fi
 }
 
+# The data folder to pass, if the user named none: ../shared/data where it exists.
+data_flags() {
+  if [[ -z "${BNJAX_DATA_DIR:-}" && -d ../shared/data ]] && ! printf '%s\n' "$@" | grep -q -- '^--data_dir='; then
+    echo "--data_dir=$(cd ../shared/data && pwd)"
+  fi
+}
+
 job=${1:-help}
 shift || true
 case "$job" in
@@ -29,12 +42,20 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" -m pytest -n 2 "$@"
     ;;
+  seed000|seed003)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/train.py --preset="$job" $(data_flags "$@") "$@"
+    ;;
+  train)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/train.py $(data_flags "$@") "$@"
+    ;;
   demo)
     ensure_venv
     exec "$VENV/bin/python" experiments/demo.py "$@"
     ;;
   *)
-    sed -n '2,5p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac

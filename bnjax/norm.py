@@ -488,7 +488,7 @@ def batch_renorm(
   )
   batch_std = jnp.sqrt(batch.var + epsilon)
   # The paper's sigma, kept away from 0 early in training (as Keras does).
-  renorm_std = jnp.maximum(state.renorm_std, np.sqrt(epsilon)).reshape(layout.view_feature_shape)
+  renorm_std = jnp.maximum(state.renorm_std, jnp.sqrt(epsilon)).reshape(layout.view_feature_shape)
   renorm_mean = state.renorm_mean.reshape(layout.view_feature_shape)
   rmax_now = jnp.asarray(as_schedule(rmax)(state.step), batch_std.dtype)
   dmax_now = jnp.asarray(as_schedule(dmax)(state.step), batch_std.dtype)

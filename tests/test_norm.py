@@ -531,3 +531,16 @@ def test_params_of_the_wrong_size_are_rejected():
   params = dict(params, scale=jnp.ones(3))
   with pytest.raises(ValueError, match=r"params\['scale'\] has shape \(3,\)"):
     bnjax.batch_norm(jnp.zeros((8, 4)), params, state, training=True)
+
+
+def test_vmap_over_epsilon():
+  x = _data((32, 8))
+  params, state = bnjax.batch_norm_init(8)
+  rparams, rstate = bnjax.batch_renorm_init(8)
+  epsilons = jnp.array([1e-5, 1e-3, 1e-1])
+  ys = jax.vmap(lambda e: bnjax.batch_norm(x, params, state, training=True, epsilon=e)[0])(epsilons)
+  ys_renorm = jax.vmap(lambda e: bnjax.batch_renorm(x, rparams, rstate, training=True, epsilon=e)[0])(epsilons)
+  for i, e in enumerate(np.asarray(epsilons)):
+    y_ref, _, _ = np_batch_norm(x, 1.0, 0.0, eps=float(e))
+    np.testing.assert_allclose(ys[i], y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ys_renorm[i], bnjax.batch_renorm(x, rparams, rstate, training=True, epsilon=float(e))[0], rtol=1e-5, atol=1e-6)
