@@ -30,6 +30,7 @@ CHOICES: dict[str, Choice] = {
     'optimizer': ('adam', 'sgd', 'momentum'),
     'lr_schedule': ('constant', 'cosine', 'step'),
     'eval_stats': ('moving', 'batch'),
+    'step_loop': ('auto', 'scan', 'python'),
 }
 
 
@@ -87,7 +88,8 @@ class TrainConfig:
   # Outputs.
   workdir: str | None = None
   checkpoint_every: int = 1  # epochs; 0: no checkpoints
-  progress_updates: int = 10  # progress-bar refreshes per epoch (each is one jitted scan of steps)
+  progress_updates: int = 10  # progress-bar refreshes (and divergence checks) per epoch
+  step_loop: str = 'auto'  # scan: an epoch is a few jitted scans; python: one jitted step per call
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

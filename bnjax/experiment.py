@@ -137,8 +137,11 @@ def run(
   optimizer = build.optimizer(config, total_steps)
   state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
   augment = augment_cifar if config.augment else None
+  step_loop = engine.step_loop_for(model, config.step_loop)
   train_steps = jax.jit(
-      engine.make_train_steps(model, optimizer, update_stats=config.update_stats, augment=augment),
+      engine.make_train_steps(
+          model, optimizer, update_stats=config.update_stats, augment=augment, unroll=step_loop == 'python'
+      ),
       donate_argnums=0,
   )
   batches_of_epoch = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
@@ -164,7 +167,9 @@ def run(
     # Lines of epochs after the checkpoint belong to the interrupted attempt.
     (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in history))
 
-  chunk = max(1, math.ceil(steps_per_epoch / max(config.progress_updates, 1)))
+  # Steps per jitted call; the host reads the metrics (progress bar, divergence) every `refresh` steps.
+  refresh = max(1, math.ceil(steps_per_epoch / max(config.progress_updates, 1)))
+  chunk = 1 if step_loop == 'python' else refresh
   compiled: dict[int, Callable] = {}
   compile_timer = _Timer()
 
@@ -192,15 +197,19 @@ def run(
         total=steps, desc=f'epoch {epoch + 1}/{num_epochs}', unit='step', leave=False,
         disable=not progress, file=sys.stderr, dynamic_ncols=True,
     )
+    shown = 0
     for begin in range(0, steps, chunk):
       part_batches = batches[begin : begin + chunk]
       state, part = train_chunk(part_batches)(state, dataset.train_images, dataset.train_labels, part_batches)
       totals = engine.Metrics(*(a + b for a, b in zip(totals, part)))
-      bar.update(part_batches.shape[0])
-      running_loss = float(totals.mean_loss())
-      bar.set_postfix(loss=f'{running_loss:.4f}', acc=f'{float(totals.accuracy()):.4f}')
-      if not _finite(running_loss):
-        break
+      done = begin + part_batches.shape[0]
+      if done - shown >= refresh or done == steps:
+        running_loss = float(totals.mean_loss())
+        bar.update(done - shown)
+        shown = done
+        bar.set_postfix(loss=f'{running_loss:.4f}', acc=f'{float(totals.accuracy()):.4f}')
+        if not _finite(running_loss):
+          break
     bar.close()
     train_loss, train_accuracy = float(totals.mean_loss()), float(totals.accuracy())
     train_seconds = epoch_timer.seconds()
@@ -240,7 +249,9 @@ def run(
     if interrupt_after_epoch is not None and epoch + 1 == interrupt_after_epoch and not last:
       raise Interrupted(f'interrupted after epoch {epoch + 1} (fault injection)')
 
-  summary: dict[str, Any] = {'status': status, 'epochs_completed': len(history), 'steps': int(state.step)}
+  summary: dict[str, Any] = {
+      'status': status, 'epochs_completed': len(history), 'steps': int(state.step), 'step_loop': step_loop,
+  }
   if message:
     summary['message'] = message
   if status == STATUS_COMPLETED:

@@ -72,7 +72,9 @@ HELP = {
     'seed': 'Random seed: initialization, shuffling, dropout.',
     'workdir': 'Output folder (default: runs/<preset or model>-<time>).',
     'checkpoint_every': 'Checkpoint every this many epochs (0: never).',
-    'progress_updates': 'Progress-bar refreshes per epoch.',
+    'progress_updates': 'Progress-bar refreshes (and divergence checks) per epoch.',
+    'step_loop': ('scan: each epoch is a few jitted lax.scans of steps; python: one jitted step per call '
+                  '(XLA:CPU runs convolutions inside a scan ~30x slower); auto: python for conv models on CPU.'),
 }
 
 FLAGS = flags.FLAGS

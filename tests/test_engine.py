@@ -90,3 +90,26 @@ def test_batch_statistics_evaluation_uses_each_batch_and_no_dropout(small):
   np.testing.assert_array_equal(a.loss_sum, b.loss_sum)  # deterministic: no dropout
   moving = engine.eval_step(model, state, images[:50], labels[:50])
   assert not np.isclose(float(a.loss_sum), float(moving.loss_sum))
+
+
+def test_step_loop_choice():
+  mlp = models.get('mlp_seed', norm='bn')
+  cnn = models.get('cnn_seed', norm='bn')
+  assert engine.step_loop_for(mlp, 'auto', backend='cpu') == 'scan'
+  assert engine.step_loop_for(cnn, 'auto', backend='cpu') == 'python'
+  assert engine.step_loop_for(cnn, 'auto', backend='gpu') == 'scan'
+  assert engine.step_loop_for(cnn, 'scan', backend='cpu') == 'scan'
+  with pytest.raises(ValueError, match='step_loop'):
+    engine.step_loop_for(cnn, 'while')
+
+
+def test_unrolled_steps_equal_scanned_steps(small):
+  model, _, images, labels = small
+  optimizer = optax.sgd(0.1)
+  state = engine.init_train_state(model, optimizer, 0, images[:1])
+  batches = engine.epoch_batches(state, 0, 130, 32)
+  scanned = jax.jit(engine.make_train_steps(model, optimizer))(state, images, labels, batches)
+  unrolled = state
+  for i in range(batches.shape[0]):
+    unrolled, _ = jax.jit(engine.make_train_steps(model, optimizer, unroll=True))(unrolled, images, labels, batches[i : i + 1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), scanned[0], unrolled)
