@@ -95,18 +95,28 @@ def flax_recipe(module, images, labels, batch_size, lr):
 
 
 def bnjax_engine(model, images, labels, batch_size, lr):
-  """`run(steps)`: bnjax's scanned steps over device-shuffled batches."""
+  """`run(steps)`: bnjax's engine as `bnjax.experiment` drives it: one scan of all the steps, or
+  (conv models on CPU, see `engine.step_loop_for`) one jitted step per call."""
   tx = optax.adam(lr)
   state = engine.init_train_state(model, tx, 0, images[:1])
-  run_steps = jax.jit(engine.make_train_steps(model, tx), donate_argnums=0)
+  python_loop = engine.step_loop_for(model) == 'python'
+  run_steps = jax.jit(engine.make_train_steps(model, tx, unroll=python_loop), donate_argnums=0)
   holder = [state]
   compiled = {}
 
+  def call(batches):
+    if batches.shape[0] not in compiled:
+      compiled[batches.shape[0]] = run_steps.lower(holder[0], images, labels, batches).compile()
+    holder[0], metrics = compiled[batches.shape[0]](holder[0], images, labels, batches)
+    return metrics
+
   def run(steps):
     batches = engine.epoch_batches(holder[0], 0, images.shape[0], batch_size)[:steps]
-    if steps not in compiled:
-      compiled[steps] = run_steps.lower(holder[0], images, labels, batches).compile()
-    holder[0], metrics = compiled[steps](holder[0], images, labels, batches)
+    if python_loop:
+      for i in range(steps):
+        metrics = call(batches[i : i + 1])
+    else:
+      metrics = call(batches)
     jax.block_until_ready(metrics)
 
   return run
