@@ -31,6 +31,7 @@ CHOICES: dict[str, Choice] = {
     'lr_schedule': ('constant', 'cosine', 'step'),
     'eval_stats': ('moving', 'batch'),
     'step_loop': ('auto', 'scan', 'python'),
+    'cross_device_stats': ('sync', 'local'),
 }
 
 
@@ -90,6 +91,12 @@ class TrainConfig:
   checkpoint_every: int = 1  # epochs; 0: no checkpoints
   progress_updates: int = 10  # progress-bar refreshes (and divergence checks) per epoch
   step_loop: str = 'auto'  # scan: an epoch is a few jitted scans; python: one jitted step per call
+  # Data parallelism (bnjax.parallel).
+  num_devices: int | None = None  # None: every device of every process; 1: the single-device path
+  cross_device_stats: str = 'sync'  # sync: BN over the global batch; local: over each device's shard
+  coordinator_address: str | None = None  # multi-process: host:port of process 0, or 'auto' (TPU pod, SLURM)
+  num_processes: int | None = None  # None: $JAX_NUM_PROCESSES, else one process
+  process_id: int | None = None  # None: $JAX_PROCESS_ID
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -177,6 +184,21 @@ def validate(config: TrainConfig) -> TrainConfig:
   image_model = {'mlp_seed': None, 'mlp_bn_paper': None, 'cnn_seed': 'cifar10'}[config.model]
   if image_model is not None and config.dataset != image_model:
     _fail('model', config.model, f'a model for --dataset={config.dataset} (cnn_seed takes 32x32x3 images)')
+  if config.num_devices is not None:
+    if config.num_devices < 1:
+      _fail('num_devices', config.num_devices, 'a positive integer (or unset for every device)')
+    if config.batch_size % config.num_devices:
+      _fail('batch_size', config.batch_size,
+            f'a multiple of --num_devices={config.num_devices} (every device takes an equal share of the batch)')
+    local_batch = config.batch_size // config.num_devices
+    if config.virtual_batch_size is not None and local_batch % config.virtual_batch_size:
+      _fail('virtual_batch_size', config.virtual_batch_size,
+            f'a divisor of the per-device batch --batch_size / --num_devices = {local_batch} '
+            '(ghost batches do not straddle devices)')
+  if config.num_processes is not None and config.num_processes < 1:
+    _fail('num_processes', config.num_processes, 'a positive integer')
+  if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or 1 << 30):
+    _fail('process_id', config.process_id, f'an integer in [0, --num_processes={config.num_processes})')
   if config.lr_warmup_steps and config.lr_schedule == 'step':
     _fail('lr_warmup_steps', config.lr_warmup_steps, '0 with --lr_schedule=step')
   return config

@@ -104,6 +104,7 @@ def train_step(
     *,
     update_stats: bool = True,
     augment: Callable[[Array, Array], Array] | None = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a batch `images [B, ...]`, `labels [B]`.
 
@@ -113,13 +114,29 @@ def train_step(
     update_stats: False reproduces the classic bug: train with batch
       statistics but never keep the updated moving statistics.
     augment: optional `(key, images) -> images`, applied on device.
+    axis_name: data parallelism (see `bnjax.parallel`): the step runs under
+      `shard_map` on one shard of the global batch per device along this
+      mapped axis, with the state replicated. The loss is the local sum over
+      the global batch size, so that autodiff's sum over devices of the
+      replicated parameters' gradients is the gradient of the global mean;
+      the metrics are summed over devices; each device draws its own dropout
+      and augmentation randomness.
   """
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
+  global_batch = labels.shape[0]
+  if axis_name is not None:
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    global_batch *= jax.lax.axis_size(axis_name)
   augment_rng, dropout_rng = jax.random.split(step_rng)
   if augment is not None:
     images = augment(augment_rng, images)
 
   def loss_fn(params):
+    if axis_name is not None:
+      # The replicated parameters enter each device's computation here: the
+      # transpose of this cast sums their gradients over the devices (the
+      # all-reduce of data parallelism), once per parameter.
+      params = jax.lax.pcast(params, axis_name, to='varying')
     logits, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         images,
@@ -129,9 +146,11 @@ def train_step(
         mutable=['batch_stats'],
     )
     metrics = batch_metrics(logits, labels)
-    return metrics.loss_sum / labels.shape[0], (metrics, updates.get('batch_stats', {}))
+    return metrics.loss_sum / global_batch, (metrics, updates.get('batch_stats', {}))
 
   grads, (metrics, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    metrics = Metrics(*jax.lax.psum(tuple(metrics), axis_name))
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = TrainState(
       params=optax.apply_updates(state.params, updates),
@@ -205,14 +224,18 @@ def make_train_steps(
     update_stats: bool = True,
     augment: Callable[[Array, Array], Array] | None = None,
     unroll: bool = False,
+    axis_name: str | None = None,
 ) -> Callable:
   """`run(state, images, labels, batch_indices [S, B], hparams) -> (state, Metrics)`: S steps in one scan.
 
   Not jitted: jit it (with the state donated) or vmap it first over K runs.
   `unroll=True` writes the S steps out one after the other (no scan at
-  all): use it with small S (e.g. 1, `step_loop='python'`).
+  all): use it with small S (e.g. 1, `step_loop='python'`). `axis_name`: see
+  `train_step` (`bnjax.parallel.make_train_steps` wraps this in `shard_map`).
   """
-  step = functools.partial(train_step, model, optimizer, update_stats=update_stats, augment=augment)
+  step = functools.partial(
+      train_step, model, optimizer, update_stats=update_stats, augment=augment, axis_name=axis_name
+  )
 
   def run(state, images, labels, batch_indices, hparams=None):
     def body(carry, indices):

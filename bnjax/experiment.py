@@ -13,6 +13,12 @@ Outputs in `config.workdir` (when set):
 - `checkpoints/`: Orbax checkpoints of the training state; `resume=True`
   continues from the latest and ends with exactly the metrics of an
   uninterrupted run.
+
+With several devices (`config.num_devices`, default every device of every
+process) the steps run data-parallel (`bnjax.parallel`): the state and data
+are replicated, each device trains on its slice of every global batch. In a
+multi-process run every process runs this same function; process 0 writes the
+files above, and Orbax coordinates the checkpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from bnjax import build, engine, plots
+from bnjax import build, engine, parallel, plots
 from bnjax.config import TrainConfig
 from bnjax.data import augment_cifar
 
@@ -66,6 +72,7 @@ def environment() -> dict[str, Any]:
       'platform': device.platform,
       'device_kind': device.device_kind,
       'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
       'command': ' '.join(sys.argv),
   }
 
@@ -122,12 +129,20 @@ def run(
     log: where the one-line messages go.
   """
   total_timer = _Timer()
+  num_devices = parallel.resolve_num_devices(config.num_devices)
+  mesh = parallel.make_mesh(num_devices) if num_devices > 1 else None
+  if mesh is not None:
+    parallel.per_device_batch(config.batch_size, num_devices)  # fail before loading anything
+  writer = jax.process_index() == 0
   workdir = Path(config.workdir) if config.workdir else None
-  if workdir:
+  if workdir and writer:
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / 'config.json', {'config': config.to_dict(), 'environment': environment()})
+    write_json(workdir / 'config.json', {
+        'config': config.to_dict(), 'environment': dict(environment(), num_devices=num_devices)})
   if dataset is None:
-    dataset = build.dataset(config, put=jax.device_put)
+    dataset = build.dataset(config, put=jax.device_put if mesh is None else None)
+  if mesh is not None:
+    dataset = parallel.replicate(dataset, mesh)
   num_train = dataset.train_images.shape[0]
   steps_per_epoch = build.steps_per_epoch(config, num_train)
   total_steps = build.total_steps(config, num_train)
@@ -135,15 +150,22 @@ def run(
 
   model = build.model(config)
   optimizer = build.optimizer(config, total_steps)
-  state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
+  # A whole batch as the sample: ghost BN checks that its groups divide the batch even at init.
+  state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[: config.batch_size])
   augment = augment_cifar if config.augment else None
   step_loop = engine.step_loop_for(model, config.step_loop)
-  train_steps = jax.jit(
-      engine.make_train_steps(
-          model, optimizer, update_stats=config.update_stats, augment=augment, unroll=step_loop == 'python'
-      ),
-      donate_argnums=0,
-  )
+  options = dict(update_stats=config.update_stats, augment=augment, unroll=step_loop == 'python')
+  if mesh is None:
+    train_steps = jax.jit(engine.make_train_steps(model, optimizer, **options), donate_argnums=0)
+  else:
+    state = parallel.replicate(state, mesh)
+    train_steps = jax.jit(
+        parallel.make_train_steps(
+            model, optimizer, mesh, batch_size=config.batch_size,
+            cross_device_stats=config.cross_device_stats, **options,
+        ),
+        donate_argnums=0,
+    )
   batches_of_epoch = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
   evaluate_moving = jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size))
   has_norm = config.norm != 'none'
@@ -163,7 +185,7 @@ def run(
       state, history = restored
       start_epoch = len(history)
       log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir / "checkpoints"}')
-  if workdir:
+  if workdir and writer:
     # Lines of epochs after the checkpoint belong to the interrupted attempt.
     (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in history))
 
@@ -236,7 +258,7 @@ def run(
         f'val loss {metrics["val_loss"]:.4f} acc {metrics["val_accuracy"]:.4f}  '
         f'{train_seconds:.1f}s ({metrics["examples_per_second"]:,.0f} ex/s)'
     )
-    if workdir:
+    if workdir and writer:
       with open(workdir / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps(metrics) + '\n')
     last = epoch + 1 == num_epochs
@@ -274,7 +296,7 @@ def run(
     )
   summary['compile_seconds'] = compile_seconds
   summary['total_seconds'] = total_timer.seconds()
-  if workdir:
+  if workdir and writer:
     write_json(workdir / 'summary.json', summary)
     if history:
       plots.plot_curves({config.norm: history}, workdir / 'curves.png', title=f'{config.model} on {config.dataset}')

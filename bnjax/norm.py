@@ -184,7 +184,7 @@ class _Layout(NamedTuple):
   grouped: bool  # whether the view has a leading group axis (more than one group)
 
 
-def _layout(fn, x, num_features, axis, virtual_batch_size, mask) -> _Layout:
+def _layout(fn, x, num_features, axis, virtual_batch_size, mask, training=True) -> _Layout:
   if x.ndim < 2:
     raise ValueError(
         f'{fn}: x has shape {x.shape} (rank {x.ndim}); expected rank >= 2, '
@@ -201,10 +201,11 @@ def _layout(fn, x, num_features, axis, virtual_batch_size, mask) -> _Layout:
         f'but params/state hold {num_features}; initialise them with the feature size of x.'
     )
   batch = x.shape[0]
+  # Inference normalizes each example with the moving statistics: any batch size will do.
   if virtual_batch_size is not None and (
       not isinstance(virtual_batch_size, (int, np.integer))
       or virtual_batch_size < 1
-      or batch % virtual_batch_size
+      or (training and batch % virtual_batch_size)
   ):
     raise ValueError(
         f'{fn}: virtual_batch_size={virtual_batch_size!r} must be a positive int that '
@@ -258,28 +259,27 @@ def _training_statistics(x, layout, mask, axis_name, axis_index_groups):
   """The input in its view, its batch statistics, and the statistics to track.
 
   Returns:
-    `(xv, mask, batch, tracked, stats_axis_name)`: `xv` x in the compute
-    dtype and `layout.view_shape`, `mask` in that view; `batch` the `Moments`
-    to normalize with (broadcastable to `xv`); `tracked` the `Moments` the
+    `(xv, mask, batch, tracked)`: `xv` x in the compute dtype and
+    `layout.view_shape`, `mask` in that view; `batch` the `Moments` to
+    normalize with (broadcastable to `xv`); `tracked` the `Moments` the
     moving averages follow, as `[C]` vectors without gradient (moving
-    statistics are not trained); the axis name `batch` was reduced over.
+    statistics are not trained).
   """
   xv = x.astype(moments_lib.compute_dtype(x.dtype)).reshape(layout.view_shape)
   mask = _mask_view(mask, layout, x.shape)
   if not layout.ghost:
     # Plain BN: the statistics of the whole (cross-device) batch.
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask, axis_name, axis_index_groups)
-    tracked, stats_axis_name = batch, axis_name
+    tracked = batch
   else:
     # Ghost BN: each local group is normalized on its own (one group may be
     # the whole local batch: per-device BN); the moving statistics track the
     # pooled group statistics of every device.
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask)
     tracked = moments_lib.pooled_moments(batch, axis_name, axis_index_groups)
-    stats_axis_name = None
   num_features = max(layout.feature_shape)
   tracked = jax.lax.stop_gradient(moments_lib.Moments(*(jnp.reshape(a, (num_features,)) for a in tracked)))
-  return xv, mask, batch, tracked, stats_axis_name
+  return xv, mask, batch, tracked
 
 
 def _ema_weights(momentum, step, decay_product, debias):
@@ -344,7 +344,7 @@ def _check_common(fn, x, params, num_features, training, momentum, epsilon, axis
       raise ValueError(
           f"{fn}: params['{name}'] has shape {np.shape(value)}, expected ({num_features},) to match the state."
       )
-  return _layout(fn, x, num_features, axis, virtual_batch_size, mask)
+  return _layout(fn, x, num_features, axis, virtual_batch_size, mask, training)
 
 
 def batch_norm(
@@ -406,13 +406,11 @@ def batch_norm(
   )
   if not training:
     return _normalize_with_moving_statistics(x, params, state, epsilon, layout), state
-  xv, mask, batch, tracked, stats_axis_name = _training_statistics(
-      x, layout, mask, axis_name, axis_index_groups
-  )
+  xv, mask, batch, tracked = _training_statistics(x, layout, mask, axis_name, axis_index_groups)
   multiplier, offset = _affine_coefficients(params, layout.view_feature_shape, xv.dtype)
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, axis_name=stats_axis_name,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
   )
 
   keep, take, decay_product = _ema_weights(momentum, state.step, state.decay_product, debias)
@@ -483,9 +481,7 @@ def batch_renorm(
   _check_range(fn, 'dmax', dmax, 0.0, np.inf)
   if not training:
     return _normalize_with_moving_statistics(x, params, state, epsilon, layout), state
-  xv, mask, batch, tracked, stats_axis_name = _training_statistics(
-      x, layout, mask, axis_name, axis_index_groups
-  )
+  xv, mask, batch, tracked = _training_statistics(x, layout, mask, axis_name, axis_index_groups)
   batch_std = jnp.sqrt(batch.var + epsilon)
   # The paper's sigma, kept away from 0 early in training (as Keras does).
   renorm_std = jnp.maximum(state.renorm_std, jnp.sqrt(epsilon)).reshape(layout.view_feature_shape)
@@ -499,7 +495,7 @@ def batch_renorm(
   )
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, axis_name=stats_axis_name,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
   )
 
   tracked_std = jnp.sqrt(tracked.var + epsilon)

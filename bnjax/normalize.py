@@ -15,16 +15,16 @@ Autodiff of the exact two-pass variance needs one more pass, which made
 bnjax 1.25x slower than flax.linen.BatchNorm's one-pass (but cancelling)
 variance on XLA:CPU; with the closed form it is faster, and exact.
 
-With `axis_name` the output is computed by plain autodiff through the
-cross-device statistics, which is correct under every transformation
-(shard_map's replication typing, vmap with an axis name, pmap).
+Under a mapped axis (`mapped=True`: shard_map, pmap, vmap with an axis
+name) the output is computed by plain autodiff through the statistics, which
+is correct under every transformation, shard_map's replication typing
+included (the closed form would return per-device cotangents for replicated
+scale and bias).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -42,7 +42,7 @@ def normalize(
     *,
     reduce_axes: tuple,
     epsilon: float,
-    axis_name: Any = None,
+    mapped: bool = False,
 ) -> Array:
   """Batch-normalizes `x` with its own batch statistics `moments`.
 
@@ -58,12 +58,12 @@ def normalize(
     mask: booleans broadcastable to x, or None (as given to `batch_moments`).
     reduce_axes: the axes the statistics reduce over.
     epsilon: added to the variance.
-    axis_name: the mapped axis the statistics were combined over, if any.
+    mapped: whether this runs under a named mapped axis (the caller's `axis_name`).
 
   Returns:
     y, of x's shape.
   """
-  if axis_name is not None:
+  if mapped:
     inv_std = jax.lax.rsqrt(moments.var + epsilon)
     coef = inv_std if multiplier is None else inv_std * multiplier
     y = (x - moments.mean) * coef

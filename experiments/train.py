@@ -75,6 +75,14 @@ HELP = {
     'progress_updates': 'Progress-bar refreshes (and divergence checks) per epoch.',
     'step_loop': ('scan: each epoch is a few jitted lax.scans of steps; python: one jitted step per call '
                   '(XLA:CPU runs convolutions inside a scan ~30x slower); auto: python for conv models on CPU.'),
+    'num_devices': ('Data-parallel devices (unset: every device of every process; 1: one device). '
+                    '--batch_size is the global batch and must be a multiple of it.'),
+    'cross_device_stats': ('With several devices: sync: BN statistics of the whole global batch; local: each device '
+                           'normalizes its own shard (ghost BN with the per-device batch; moving statistics pooled).'),
+    'coordinator_address': ('Multi-process: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS); auto: let JAX '
+                            'detect the cluster (Cloud TPU pod slice, SLURM, Open MPI).'),
+    'num_processes': 'Multi-process: number of processes (else $JAX_NUM_PROCESSES).',
+    'process_id': 'Multi-process: this process\'s id in [0, num_processes) (else $JAX_PROCESS_ID).',
 }
 
 FLAGS = flags.FLAGS
@@ -127,15 +135,24 @@ def main(argv):
     raise app.UsageError(str(error)) from None
   if FLAGS.resume and 'workdir' not in settings:
     raise app.UsageError('--resume needs the --workdir of the run to continue.')
+  first = next(iter(configs.values()))
 
   # Heavy imports after the flags are checked: a bad flag fails in a second.
-  from bnjax import build, experiment, plots
+  from bnjax import build, experiment, parallel, plots
   import jax
+
+  # Before any other JAX call: afterwards jax.devices() lists every process's devices.
+  try:
+    parallel.initialize(first.coordinator_address, first.num_processes, first.process_id)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  main_process = parallel.is_main_process()
+  if jax.process_count() > 1 and 'workdir' not in settings:
+    raise app.UsageError('a multi-process run needs --workdir: the same folder on every process (shared storage).')
 
   root = Path(settings.get('workdir') or default_workdir(FLAGS.preset, settings))
   multiple = len(configs) > 1
-  first = next(iter(configs.values()))
-  dataset = build.dataset(first, put=jax.device_put)
+  dataset = build.dataset(first, put=jax.device_put if jax.process_count() == 1 else None)
   print(f'{first.dataset}: {dataset.train_images.shape[0]} train, {dataset.val_images.shape[0]} validation, '
         f'{dataset.test_images.shape[0]} test examples from {dataset.source}; on {jax.devices()[0].device_kind}')
   summaries, histories = {}, {}
@@ -150,13 +167,17 @@ def main(argv):
           dataset=dataset if build.dataset_key(config) == build.dataset_key(first) else None,
           resume=FLAGS.resume,
           interrupt_after_epoch=FLAGS.interrupt_after_epoch,
-          progress=FLAGS.progress,
+          progress=FLAGS.progress and main_process,
+          log=print if main_process else lambda message: None,
       )
     except experiment.Interrupted as error:
       print(error)
       return 3
     summaries[name] = summary
-    histories[name] = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    if main_process:
+      histories[name] = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  if not main_process:
+    return 0 if all(s['status'] == experiment.STATUS_COMPLETED for s in summaries.values()) else 1
   print()
   print(f'{"run":10s} {"status":10s} {"test acc":>9s} {"best val":>9s} {"train s":>8s}   workdir')
   for name, summary in summaries.items():

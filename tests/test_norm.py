@@ -544,3 +544,12 @@ def test_vmap_over_epsilon():
     y_ref, _, _ = np_batch_norm(x, 1.0, 0.0, eps=float(e))
     np.testing.assert_allclose(ys[i], y_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ys_renorm[i], bnjax.batch_renorm(x, rparams, rstate, training=True, epsilon=float(e))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_inference_accepts_any_batch_size_with_a_virtual_batch_size():
+  params, state = bnjax.batch_norm_init(4)
+  x = _data((3, 4))
+  y, _ = bnjax.batch_norm(x, params, state, training=False, virtual_batch_size=8)
+  np.testing.assert_allclose(y, x / np.sqrt(1 + EPS), rtol=1e-6)
+  with pytest.raises(ValueError, match='virtual_batch_size=8'):
+    bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=8)

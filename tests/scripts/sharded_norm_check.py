@@ -83,6 +83,19 @@ for shape in [(64, 12), (16, 4, 4, 12)]:
       lambda x: bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=per_device, axis_name='batch'), 1
   )(x)
   check(f'ghost batch norm per device {shape}', (y, s), (y_ref, s_ref))
+  ghost_grad_ref = jax.grad(
+      lambda x, p: jnp.sum(bnjax.batch_norm(x, p, state, training=True, virtual_batch_size=per_device)[0] * dy), (0, 1)
+  )(x, params)
+
+  def ghost_local_loss(x, p, dy):
+    y, _ = bnjax.batch_norm(x, p, state, training=True, virtual_batch_size=per_device, axis_name='batch')
+    return jnp.sum(y * dy)
+
+  ghost_grads = jax.jit(jax.shard_map(
+      lambda x, dy: jax.grad(ghost_local_loss, (0, 1))(x, params, dy),
+      mesh=mesh, in_specs=(P('batch'), P('batch')), out_specs=(P('batch'), P()),
+  ))(x, dy)
+  check(f'ghost batch norm gradients per device {shape}', ghost_grads, ghost_grad_ref, tol=1e-4)
 
   # vmap with an axis name is the same mechanism.
   xs = x.reshape((DEVICES, per_device) + shape[1:])
