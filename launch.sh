@@ -5,6 +5,9 @@
 #   ./launch.sh seed003 [flags]   the CIFAR-10 CNN study
 #   ./launch.sh train [flags]     any single experiment: experiments/train.py with your flags
 #   ./launch.sh demo              the functional API in a few lines
+#   ./launch.sh PRESET [flags]    a sweep: momentum | batch_size | momentum_batch_size | dropout | renorm
+#   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seeds=0,1 ...
+#   ./launch.sh report CSV        rebuild a sweep's report.md from its results.csv
 #   ./launch.sh test [args]       the test suite (pytest args pass through)
 #
 # Data: the real MNIST/CIFAR-10 files are used where they are found (--data_dir, $BNJAX_DATA_DIR,
@@ -50,12 +53,24 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" experiments/train.py $(data_flags "$@") "$@"
     ;;
+  momentum|batch_size|momentum_batch_size|dropout|renorm)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/sweep.py --preset="$job" $(data_flags "$@") "$@"
+    ;;
+  sweep)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/sweep.py $(data_flags "$@") "$@"
+    ;;
+  report)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/report.py "$@"
+    ;;
   demo)
     ensure_venv
     exec "$VENV/bin/python" experiments/demo.py "$@"
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac
