@@ -70,8 +70,12 @@ def normalize(
     return y if offset is None else y + offset
   multiplier = jnp.ones((1,) * x.ndim, x.dtype) if multiplier is None else multiplier
   offset = jnp.zeros((1,) * x.ndim, x.dtype) if offset is None else offset
-  inv_std = jax.lax.rsqrt(moments.var + epsilon)
-  return _normalize_local(x, multiplier, offset, mask, moments.mean, inv_std, moments.count, reduce_axes)
+  # The statistics enter without gradient (the closed form accounts for them);
+  # `_as_statistics_of` restores their dependence on x for higher derivatives.
+  mean, inv_std, count = jax.lax.stop_gradient(
+      (moments.mean, jax.lax.rsqrt(moments.var + epsilon), moments.count)
+  )
+  return _normalize_local(x, multiplier, offset, mask, mean, inv_std, count, reduce_axes)
 
 
 def _sum_to_shape(value: Array, shape: tuple) -> Array:
@@ -80,18 +84,46 @@ def _sum_to_shape(value: Array, shape: tuple) -> Array:
   return jnp.sum(value, axis=axes, keepdims=True) if axes else value
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _as_statistics_of(x, mask, mean, inv_std, count, reduce_axes):
+  """Returns `(mean, inv_std)` as they are; differentiated, they are the batch statistics of x.
+
+  The closed-form VJP below evaluates nothing more for first derivatives; when
+  its own computation is differentiated (Hessian-vector products, second
+  order), this rule supplies the derivative of the statistics:
+  d mean = sum(m dx) / n, d var = 2 sum(m (x - mean) dx) / n.
+  """
+  return mean, inv_std
+
+
+@_as_statistics_of.defjvp
+def _as_statistics_of_jvp(reduce_axes, primals, tangents):
+  x, mask, mean, inv_std, count = primals
+  dx = tangents[0]
+  per_valid = 1.0 / jnp.maximum(count, 1)
+  centered_dx = (x - mean) * dx
+  if mask is not None:
+    dx = jnp.where(mask, dx, 0)
+    centered_dx = jnp.where(mask, centered_dx, 0)
+  d_mean = jnp.sum(dx, axis=reduce_axes, keepdims=True) * per_valid
+  d_var = 2.0 * jnp.sum(centered_dx, axis=reduce_axes, keepdims=True) * per_valid
+  return (mean, inv_std), (d_mean, -0.5 * inv_std**3 * d_var)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _normalize_local(x, multiplier, offset, mask, mean, inv_std, count, reduce_axes):
   return (x - mean) * (inv_std * multiplier) + offset
 
 
 def _normalize_local_fwd(x, multiplier, offset, mask, mean, inv_std, count, reduce_axes):
+  mean, inv_std = _as_statistics_of(x, mask, mean, inv_std, count, reduce_axes)
   y = (x - mean) * (inv_std * multiplier) + offset
   return y, (x, multiplier, offset, mask, mean, inv_std, count)
 
 
 def _normalize_local_bwd(reduce_axes, residuals, dy):
   x, multiplier, offset, mask, mean, inv_std, count = residuals
+  mean, inv_std = _as_statistics_of(x, mask, mean, inv_std, count, reduce_axes)
   x_hat = (x - mean) * inv_std
   sum_dy = jnp.sum(dy, axis=reduce_axes, keepdims=True)
   sum_dy_x_hat = jnp.sum(dy * x_hat, axis=reduce_axes, keepdims=True)
@@ -102,9 +134,7 @@ def _normalize_local_bwd(reduce_axes, residuals, dy):
   dx = coef * dy - through_stats
   d_multiplier = _sum_to_shape(sum_dy_x_hat, multiplier.shape).astype(multiplier.dtype)
   d_offset = _sum_to_shape(sum_dy, offset.shape).astype(offset.dtype)
-  # The statistics' dependence on x is in dx already: their own cotangents
-  # are (symbolic) zeros. They are still inputs, not stop_gradient'ed, so that
-  # differentiating this backward pass (second order) goes through them.
+  # The statistics' dependence on x is in dx already: their own cotangents are zeros.
   return dx, d_multiplier, d_offset, None, None, None, None
 
 

@@ -49,14 +49,16 @@ def test_closed_form_gradient_equals_autodiff(shape, reduce_axes, param_shape, m
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_second_order_gradients_equal_autodiff():
+@pytest.mark.parametrize('masked', [False, True])
+def test_second_order_gradients_equal_autodiff(masked):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(1.0, 2.0, (16, 4)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
   a, b = jnp.asarray(rng.uniform(0.5, 2.0, (1, 4)), jnp.float32), jnp.zeros((1, 4))
+  mask = jnp.asarray(np.arange(16)[:, None] % 3 != 0) if masked else None
 
   def hessian_vector_product(fn):
-    loss = lambda x: jnp.sum(fn(x, a, b, None, (0,)) ** 3)
+    loss = lambda x: jnp.sum(fn(x, a, b, mask, (0,)) ** 3)
     return jax.jvp(jax.grad(loss), (x,), (v,))[1]
 
   np.testing.assert_allclose(
