@@ -125,13 +125,14 @@ def batch_renorm_init(
 ) -> tuple[Params, BatchRenormState]:
   """Parameters and moving statistics for `batch_renorm`; see `batch_norm_init`."""
   params = _init_params(num_features, center, scale, dtype)
-  zeros = jnp.zeros((num_features,), jnp.float32)
-  ones = jnp.ones((num_features,), jnp.float32)
+  # One array per field: a buffer shared by two fields could not be donated under jit.
+  zeros = lambda: jnp.zeros((num_features,), jnp.float32)
+  ones = lambda: jnp.ones((num_features,), jnp.float32)
   state = BatchRenormState(
-      mean=zeros,
-      std=ones,
-      renorm_mean=zeros,
-      renorm_std=ones,
+      mean=zeros(),
+      std=ones(),
+      renorm_mean=zeros(),
+      renorm_std=ones(),
       step=jnp.zeros((), jnp.int32),
       decay_product=jnp.ones((), jnp.float32),
   )

@@ -77,3 +77,10 @@ def test_moving_statistics_bug_ruins_evaluation_but_not_batch_statistics(data_di
   assert bug['test_accuracy_moving_stats'] < correct['test_accuracy_moving_stats'] - 0.25
   assert batch_eval['test_accuracy'] > 0.7  # the batch's own statistics do not need the moving ones
   assert batch_eval['test_accuracy'] == batch_eval['test_accuracy_batch_stats']
+
+
+def test_ghost_and_renorm_runs_complete(data_dir, tmp_path):
+  for settings in (dict(norm='ghost', virtual_batch_size=10), dict(norm='renorm', renorm_clipping='warmup',
+                   renorm_warmup_steps=5, rmax_end_step=20, dmax_end_step=15)):
+    summary = experiment.run(_config(data_dir, tmp_path / settings['norm'], **settings), **QUIET)
+    assert summary['status'] == 'completed' and summary['test_accuracy'] > 0.5, (settings, summary)

@@ -553,3 +553,11 @@ def test_inference_accepts_any_batch_size_with_a_virtual_batch_size():
   np.testing.assert_allclose(y, x / np.sqrt(1 + EPS), rtol=1e-6)
   with pytest.raises(ValueError, match='virtual_batch_size=8'):
     bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=8)
+
+
+def test_renorm_state_can_be_donated():
+  params, state = bnjax.batch_renorm_init(4)
+  leaves = jax.tree.leaves(state)
+  assert len({id(leaf) for leaf in leaves}) == len(leaves)
+  step = jax.jit(lambda s, x: bnjax.batch_renorm(x, params, s, training=True)[1], donate_argnums=0)
+  assert int(step(state, _data((8, 4))).step) == 1
