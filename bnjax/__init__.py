@@ -31,7 +31,9 @@ from bnjax.schedules import (
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('flax', 'models', 'data', 'train', 'engine', 'sweep', 'plots', 'parallel')
+_LAZY_SUBMODULES = (
+    'flax', 'models', 'data', 'config', 'build', 'engine', 'experiment', 'plots', 'parallel', 'sweep', 'report',
+)
 
 
 def __getattr__(name):
