@@ -133,7 +133,7 @@ def run(
   mesh = parallel.make_mesh(num_devices) if num_devices > 1 else None
   if mesh is not None:
     parallel.per_device_batch(config.batch_size, num_devices)  # fail before loading anything
-  writer = jax.process_index() == 0
+  writer = parallel.is_main_process()
   workdir = Path(config.workdir) if config.workdir else None
   if workdir and writer:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnjax import engine
+from bnjax.config import CHOICES
 
 AXIS = 'batch'
-CROSS_DEVICE_STATS = ('sync', 'local')
+CROSS_DEVICE_STATS = CHOICES['cross_device_stats']
 # Environment variables read when the flags leave the distributed settings unset.
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'
 
