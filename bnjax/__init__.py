@@ -33,6 +33,7 @@ __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = (
     'flax', 'models', 'data', 'config', 'build', 'engine', 'experiment', 'plots', 'parallel', 'sweep', 'report',
+    'diagnostics', 'repro',
 )
 
 

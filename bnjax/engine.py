@@ -262,11 +262,21 @@ def make_evaluate(model: nn.Module, *, batch_size: int, batch_stats_mode: bool =
   Full batches run in one scan; the remainder (if any) as one smaller batch.
   With `batch_stats_mode` the batch size is part of the experiment (the
   statistics of `batch_size` test examples), so the remainder batch's
-  statistics come from fewer examples.
+  statistics come from fewer examples. A ghost-batch model (its
+  `virtual_batch_size` set) normalizes over ghost batches in that mode: the
+  batch size is rounded down to a multiple of the ghost batch, and the last
+  `num % virtual_batch_size` examples, which fill no ghost batch, are left out
+  (`Metrics.count` says how many were evaluated).
   """
   step = functools.partial(eval_step, model, batch_stats_mode=batch_stats_mode)
+  group = getattr(model, 'virtual_batch_size', None) if batch_stats_mode else None
+  if group:
+    batch_size = max(group, batch_size - batch_size % group)
 
   def evaluate(state, images, labels, hparams=None):
+    if group:
+      usable = images.shape[0] - images.shape[0] % group
+      images, labels = images[:usable], labels[:usable]
     num = images.shape[0]
     full = num // batch_size
     totals = zero_metrics()

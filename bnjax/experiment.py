@@ -23,7 +23,7 @@ files above, and Orbax coordinates the checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,13 +35,11 @@ from typing import Any, Callable
 
 import flax
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from bnjax import build, engine, parallel, plots
+from bnjax import build, diagnostics, engine, parallel, plots
 from bnjax.config import TrainConfig
 from bnjax.data import augment_cifar
 
@@ -284,6 +282,12 @@ def run(
         test_accuracy_moving_stats=float(test_moving.accuracy()),
         test_accuracy_batch_stats=float(test_batch.accuracy()) if has_norm else None,
     )
+    shift = jax.jit(functools.partial(diagnostics.variance_shift, model))(
+        {'params': state.params, 'batch_stats': state.batch_stats},
+        diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size),
+        jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM),
+    )
+    summary.update(diagnostics.shift_summary(shift))
   if history:
     best = max(history, key=lambda m: m['val_accuracy'])
     summary.update(

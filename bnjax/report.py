@@ -27,7 +27,8 @@ from bnjax.config import FIELDS  # noqa: E402
 METRIC = 'test_accuracy_moving_stats'
 SMALL_BATCH = 32
 _NUMERIC = ('final_val_accuracy', 'best_val_accuracy', 'final_train_accuracy', 'test_accuracy_moving_stats',
-            'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap', 'seconds')
+            'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap', 'variance_shift', 'moving_variance_ratio',
+            'seconds')
 
 
 def _parse(text: str) -> Any:
@@ -98,7 +99,7 @@ def summary_table(rows: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
-def _sorted_labels(labels) -> list:
+def sorted_labels(labels) -> list:
   return sorted(labels, key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
 
 
@@ -106,7 +107,7 @@ def plot_heatmap(rows: Sequence[dict], path: Path, metric: str = METRIC, title: 
   """Mean `metric` over batch size (rows) x momentum (columns, inverse decay last), annotated mean ± std."""
   table = aggregate(rows, ['batch_size', 'momentum'], metric)
   batches = sorted({k[0] for k in table})
-  momenta = _sorted_labels({k[1] for k in table})
+  momenta = sorted_labels({k[1] for k in table})
   grid = np.full((len(batches), len(momenta)), np.nan)
   fig, ax = plt.subplots(figsize=(1.3 * len(momenta) + 2, 0.8 * len(batches) + 1.5))
   for (b, m), (mean, std, n) in table.items():
@@ -132,7 +133,7 @@ def plot_lines(rows: Sequence[dict], x: str, path: Path, metric: str = METRIC, s
   fig, ax = plt.subplots(figsize=(7, 4))
   by = [x] + ([series] if series else [])
   table = aggregate(rows, by, metric)
-  labels = _sorted_labels({k[0] for k in table})
+  labels = sorted_labels({k[0] for k in table})
   for name in sorted({k[1] for k in table}, key=str) if series else [None]:
     points = [(labels.index(k[0]), v) for k, v in table.items() if not series or k[1] == name]
     points.sort()

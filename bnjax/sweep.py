@@ -25,7 +25,7 @@ How each value reaches its lane:
 
 Safety: each finished run is one JSON file `runs/<run_id>.json`, written
 atomically; `results.csv` is regenerated from those files. Re-running a sweep
-skips run ids already there; a kill loses only the group in flight; a lane
+skips run ids already there (except runs recorded as errors: they run again); a kill loses only the group in flight; a lane
 whose loss becomes non-finite is recorded as diverged (NaNs stay in their
 lane); a group that raises records each of its runs with the error.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -64,6 +65,7 @@ MOMENTUM_FIELDS = ('momentum', 'momentum_schedule', 'momentum_decay_rate', 'mome
 METRIC_COLUMNS = (
     'status', 'final_val_accuracy', 'best_val_accuracy', 'best_epoch', 'final_train_accuracy',
     'test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap',
+    'variance_shift', 'moving_variance_ratio',  # bnjax.diagnostics: geometric means over the norm layers
     'epochs_completed', 'diverged_epoch', 'seconds', 'group_seconds', 'group_size', 'error',
 )
 CURVE_COLUMN = 'val_accuracy_curve'  # JSON list: validation accuracy per epoch
@@ -289,9 +291,21 @@ def _programs(config: TrainConfig, total_steps: int, cache: dict):
       batches=jax.jit(jax.vmap(engine.epoch_batches, in_axes=(0, None, None, None)), static_argnums=(2, 3)),
       eval_moving=evaluate(False),
       eval_batch=evaluate(True) if config.norm != 'none' else None,
+      shift=lanes(functools.partial(lane_variance_shift, model), (0, None, 0)),
   )
   cache[key] = programs
   return programs
+
+
+def lane_variance_shift(model, state, images, hparams):
+  """`diagnostics.variance_shift` of one run's state (the dropout key derives from its seed)."""
+  import jax
+
+  from bnjax import diagnostics
+
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  rng = jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM)
+  return diagnostics.variance_shift(model, variables, images, rng, hparams)
 
 
 def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None = None,
@@ -311,7 +325,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
   import jax
   import numpy as np
 
-  from bnjax import build, engine
+  from bnjax import build, diagnostics, engine
 
   keys = {group_key(c) for c in configs}
   if len(keys) != 1:
@@ -357,6 +371,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
       break
   test_moving = p['eval_moving'](states, dataset.test_images, dataset.test_labels, hparams)
   test_batch = (p['eval_batch'] or p['eval_moving'])(states, dataset.test_images, dataset.test_labels, hparams)
+  shift = p['shift'](states, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams)
   records = []
   for lane, config in enumerate(configs):
     history = histories[lane]
@@ -372,6 +387,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
                     test_accuracy=batch if first.eval_stats == 'batch' else moving,
                     test_loss=float((test_batch if first.eval_stats == 'batch' else test_moving).mean_loss()[lane]),
                     stats_gap=batch - moving if first.norm != 'none' else None)
+      record.update(diagnostics.shift_summary(jax.tree.map(lambda v: v[lane], shift)))
     if history:
       best = max(history, key=lambda m: m['val_accuracy'])
       record.update(final_val_accuracy=history[-1]['val_accuracy'], best_val_accuracy=best['val_accuracy'],
@@ -457,7 +473,8 @@ def run_sweep(
   ids = [run_id(c) for c in configs]
   write_json(sweep_dir / 'sweep.json', {'command': command, 'run_ids': ids})
   done = finished_runs(sweep_dir)
-  todo = [c for c, i in zip(configs, ids) if i not in done]
+  # Runs that raised are tried again (the cause may be fixed); completed and diverged ones are kept.
+  todo = [c for c, i in zip(configs, ids) if done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR]
   groups = group_runs(todo, max_group_size)
   log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)')
   datasets: dict[tuple, Any] = {}
@@ -496,7 +513,7 @@ def run_sweep(
 # Presets: the source material's studies, with CPU-sized budgets.
 
 
-def _renorm_warmup_scaled(config: TrainConfig) -> TrainConfig:
+def renorm_warmup_scaled(config: TrainConfig) -> TrainConfig:
   """The Batch Renorm paper's clipping schedule (plain BN for 5k steps, rmax at 40k, dmax at 25k of
   its 40k+), scaled to this run's length: 1/8, 1 and 5/8 of the run."""
   if config.norm != 'renorm' or config.steps is None:
@@ -540,7 +557,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "(renorm with the paper's clipping warm-up scaled to the run), 2 seeds. GPU: --steps=20000.",
         base=dict(_MNIST, steps=600),
         grid=dict(batch_size=[2, 4, 8, 32], norm=['bn', 'renorm', 'none'], seed=[0, 1]),
-        finalize=_renorm_warmup_scaled,
+        finalize=renorm_warmup_scaled,
     ),
 }
 

@@ -92,6 +92,20 @@ def test_batch_statistics_evaluation_uses_each_batch_and_no_dropout(small):
   assert not np.isclose(float(a.loss_sum), float(moving.loss_sum))
 
 
+def test_batch_statistics_evaluation_of_a_ghost_model_fills_whole_ghost_batches(small):
+  _, optimizer, images, labels = small
+  model = models.get('mlp_seed', norm='ghost', virtual_batch_size=8)
+  state = engine.init_train_state(model, optimizer, 0, images[:8])
+  # Batch 100 becomes 96 (a multiple of 8); of 130 examples the 128 in whole ghost batches count.
+  totals = jax.jit(engine.make_evaluate(model, batch_size=100, batch_stats_mode=True))(state, images, labels)
+  assert int(totals.count) == 128
+  parts = [engine.eval_step(model, state, images[a:b], labels[a:b], batch_stats_mode=True)
+           for a, b in ((0, 96), (96, 128))]
+  np.testing.assert_allclose(totals.loss_sum, sum(float(m.loss_sum) for m in parts), rtol=1e-5)
+  moving = jax.jit(engine.make_evaluate(model, batch_size=100))(state, images, labels)
+  assert int(moving.count) == 130  # inference needs no batch: every example
+
+
 def test_step_loop_choice():
   mlp = models.get('mlp_seed', norm='bn')
   cnn = models.get('cnn_seed', norm='bn')

@@ -172,10 +172,14 @@ def test_sweep_writes_results_records_errors_and_resumes(data_dir, tmp_path):
   done = next(r for r in rows if r['status'] == 'completed')
   assert float(done['test_accuracy_moving_stats']) > 0.2 and done['momentum'] and done['val_accuracy_curve'].startswith('[')
   assert (tmp_path / 'report.md').exists()
-  # A third run trains nothing.
+  # A third run trains nothing that finished; the run that raised is tried again (and raises again).
   before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs').iterdir()}
+  log.clear()
   sweep.run_sweep(configs, tmp_path, report=False, log=log.append)
-  assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs').iterdir()}
+  after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs').iterdir()}
+  failed = f'{sweep.run_id(configs[-1])}.json'
+  assert {k: v for k, v in before.items() if k != failed} == {k: v for k, v in after.items() if k != failed}
+  assert after[failed] != before[failed] and '4 already finished, 1 to train' in ''.join(log)
 
 
 # ----------------------------------------------------------------------------
