@@ -8,6 +8,9 @@
 #   ./launch.sh PRESET [flags]    a sweep: momentum | batch_size | momentum_batch_size | dropout | renorm
 #   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seeds=0,1 ...
 #   ./launch.sh report CSV        rebuild a sweep's report.md from its results.csv
+#   ./launch.sh repro_STUDY [flags]  a reproduction of docs/results.md: repro_seed000 | repro_seed003 |
+#                                 repro_fig1 | repro_momentum_batch | repro_dropout | repro_renorm | repro_bug |
+#                                 repro_all (CPU budget; --budget=full for the source's, on a GPU/TPU)
 #   ./launch.sh test [args]       the test suite (pytest args pass through)
 #
 # Data: the real MNIST/CIFAR-10 files are used where they are found (--data_dir, $BNJAX_DATA_DIR,
@@ -61,6 +64,10 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" experiments/sweep.py $(data_flags "$@") "$@"
     ;;
+  repro_seed000|repro_seed003|repro_fig1|repro_momentum_batch|repro_dropout|repro_renorm|repro_bug|repro_all)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/repro.py --study="${job#repro_}" $(data_flags "$@") "$@"
+    ;;
   report)
     ensure_venv
     exec "$VENV/bin/python" experiments/report.py "$@"
@@ -70,7 +77,7 @@ case "$job" in
     exec "$VENV/bin/python" experiments/demo.py "$@"
     ;;
   *)
-    sed -n '2,15p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bnjax import data as data_lib

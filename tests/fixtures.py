@@ -1,8 +1,9 @@
-"""Data the tests write: the canonical IDX format, and a small learnable MNIST look-alike."""
+"""Data the tests write: the canonical IDX and CIFAR-10 formats, and a small learnable MNIST look-alike."""
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,24 @@ def learnable_digits(seed: int = 0, num_train: int = 1200, num_test: int = 400) 
 def write_learnable_mnist(folder: Path, **kwargs) -> Path:
   """`learnable_digits` written as MNIST's four IDX .gz files in `folder/mnist`."""
   return write_idx_folder(Path(folder) / 'mnist', learnable_digits(**kwargs))
+
+
+def cifar_batch(images, labels, protocol=2, byte_keys=True):
+  """A CIFAR-10 batch pickle: rows of 3072 bytes, the R, G then B 32x32 planes."""
+  rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+  batch = {'data': rows, 'labels': [int(y) for y in labels], 'batch_label': 'fake',
+           'filenames': [f'{i}.png' for i in range(len(images))]}
+  if byte_keys:
+    batch = {k.encode(): v for k, v in batch.items()}
+  return pickle.dumps(batch, protocol=protocol)
+
+
+def write_cifar_folder(folder, raw, protocol=2):
+  """Splits train into the five data_batch_i files (as in the original, equal parts)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  parts = np.array_split(np.arange(len(raw.train_labels)), 5)
+  for name, idx in zip(formats.CIFAR_TRAIN_BATCHES, parts):
+    (folder / name).write_bytes(cifar_batch(raw.train_images[idx], raw.train_labels[idx], protocol))
+  (folder / 'test_batch').write_bytes(cifar_batch(raw.test_images, raw.test_labels, protocol))
+  (folder / 'batches.meta').write_bytes(pickle.dumps({b'label_names': [b'airplane'] * 10}))
+  return folder

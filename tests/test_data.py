@@ -17,7 +17,7 @@ import pytest
 from bnjax import data
 from bnjax.data import formats
 
-from fixtures import write_idx, write_idx_folder
+from fixtures import cifar_batch, write_cifar_folder, write_idx, write_idx_folder
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -47,27 +47,6 @@ def write_keras_npz(path, raw):
   np.savez(path, x_train=raw.train_images[..., 0], y_train=raw.train_labels.astype(np.uint8),
            x_test=raw.test_images[..., 0], y_test=raw.test_labels.astype(np.uint8))
   return path
-
-
-def cifar_batch(images, labels, protocol=2, byte_keys=True):
-  """A CIFAR-10 batch pickle: rows of 3072 bytes, the R, G then B 32x32 planes."""
-  rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-  batch = {'data': rows, 'labels': [int(y) for y in labels], 'batch_label': 'fake',
-           'filenames': [f'{i}.png' for i in range(len(images))]}
-  if byte_keys:
-    batch = {k.encode(): v for k, v in batch.items()}
-  return pickle.dumps(batch, protocol=protocol)
-
-
-def write_cifar_folder(folder, raw, protocol=2):
-  """Splits train into the five data_batch_i files (as in the original, equal parts)."""
-  folder.mkdir(parents=True, exist_ok=True)
-  parts = np.array_split(np.arange(len(raw.train_labels)), 5)
-  for name, idx in zip(formats.CIFAR_TRAIN_BATCHES, parts):
-    (folder / name).write_bytes(cifar_batch(raw.train_images[idx], raw.train_labels[idx], protocol))
-  (folder / 'test_batch').write_bytes(cifar_batch(raw.test_images, raw.test_labels, protocol))
-  (folder / 'batches.meta').write_bytes(pickle.dumps({b'label_names': [b'airplane'] * 10}))
-  return folder
 
 
 def write_cifar_tar(path, batches_folder):

@@ -1,6 +1,5 @@
 """bnjax.experiment: a whole run on small generated data, its outputs, resume, divergence, the stats bug."""
 
-import dataclasses
 import json
 
 import pytest

@@ -8,7 +8,6 @@ must be set before jax is imported).
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bnjax import build, engine, parallel
