@@ -368,6 +368,42 @@ def _dropout_configs(base: TrainConfig, placements: Sequence[str], rates: Sequen
   return configs
 
 
+def shift_at_init(config: TrainConfig, images) -> dict:
+  """`diagnostics.shift_summary` of `config`'s model at initialization, its moving statistics set to
+  one training-mode pass over `images` (as if training had just begun and momentum were 0)."""
+  import jax
+
+  from bnjax import build, diagnostics
+
+  model = build.model(dataclasses.replace(config, momentum=0.0))
+  images = diagnostics.probe_examples(images, config.virtual_batch_size)
+  key = jax.random.PRNGKey(config.seed)
+  variables = model.init(key, images[: config.virtual_batch_size or 2], train=False)
+  if variables.get('batch_stats'):
+    _, updates = model.apply(variables, images, train=True, rngs={'dropout': jax.random.fold_in(key, 1)},
+                             mutable=['batch_stats'])
+    variables = {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+  return diagnostics.shift_summary(diagnostics.variance_shift(model, variables, images, jax.random.fold_in(key, 2)))
+
+
+def _add_shift_at_init(records: Sequence[dict]) -> None:
+  """Adds `variance_shift_at_init` (and its blocks) to each record: seed 0's model of its setting."""
+  import jax
+
+  from bnjax import build
+
+  cache: dict[str, dict] = {}
+  images = None
+  for record in records:
+    config = TrainConfig(**{**record['config'], 'seed': 0})
+    key = sweep_lib.run_id(config)
+    if key not in cache:
+      images = images if images is not None else build.dataset(config).test_images
+      cache[key] = shift_at_init(config, jax.numpy.asarray(images))
+    record['variance_shift_at_init'] = cache[key]['variance_shift']
+    record['variance_shift_at_init_blocks'] = cache[key]['variance_shift_blocks']
+
+
 def _dropout_rows(records: Sequence[dict], label: str) -> list[list]:
   rows = []
   keys = []
@@ -381,7 +417,7 @@ def _dropout_rows(records: Sequence[dict], label: str) -> list[list]:
     rows.append([label, norm, placement, f'{rate:g}' if placement != 'none' else '-',
                  cell([r.get('test_accuracy_moving_stats') for r in runs]),
                  cell([r.get('test_accuracy_batch_stats') for r in runs]) if norm != 'none' else '-',
-                 cell([r.get('variance_shift') for r in runs], 3),
+                 f"{runs[0]['variance_shift_at_init']:.3f}", cell([r.get('variance_shift') for r in runs], 3),
                  cell([r.get('moving_variance_ratio') for r in runs], 3) if norm != 'none' else '-'])
   return rows
 
@@ -421,15 +457,19 @@ def study_dropout(out: Path, settings: Mapping, data_dir: str | None, log) -> di
     cifar = TrainConfig(**{**_CIFAR, 'epochs': settings['cnn_epochs'], 'data_dir': data_dir})
     parts['cnn_seed (CIFAR-10)'] = _sweep(_dropout_configs(cifar, *grid, ('bn',), settings['cnn_seeds']),
                                           out / 'sweep_cnn', log)
+  for records in parts.values():
+    _add_shift_at_init(records)
   rows = [row for label, records in parts.items() for row in _dropout_rows(records, label)]
   table = markdown_table(['model', 'norm', 'dropout', 'rate', 'test acc (moving stats)', 'test acc (batch stats)',
-                          'variance shift', 'moving var / inference var'], rows)
+                          'variance shift at init', 'variance shift, trained', 'moving var / inference var'], rows)
   _plot_dropout(parts, settings['placements'], out / 'dropout.png')
   return {'table': table, 'results': {label: [{k: r.get(k) for k in ('config', 'test_accuracy_moving_stats',
                                                                        'test_accuracy_batch_stats', 'variance_shift',
                                                                        'variance_shift_blocks',
                                                                        'moving_variance_ratio',
-                                                                       'moving_variance_ratio_blocks')}
+                                                                       'moving_variance_ratio_blocks',
+                                                                       'variance_shift_at_init',
+                                                                       'variance_shift_at_init_blocks')}
                                               for r in records] for label, records in parts.items()}}
 
 

@@ -82,6 +82,15 @@ def test_grouping_values_together_structure_apart():
   assert [len(g) for g in sweep.group_runs(configs, max_group_size=3)].count(3) == 8
 
 
+def test_conv_groups_train_one_run_at_a_time_on_cpu_only():
+  mlp, _ = sweep.expand_grid(TrainConfig(), {'momentum': [0.6, 0.9]})
+  cnn, _ = sweep.expand_grid(TrainConfig(dataset='cifar10', model='cnn_seed'), {'momentum': [0.6, 0.9, 0.99]})
+  groups = sweep.group_runs(mlp + cnn)
+  assert sorted(len(g) for g in groups) == [2, 3]
+  assert sorted(len(g) for g in sweep.one_run_per_conv_group(groups, 'cpu')) == [1, 1, 1, 2]
+  assert sorted(len(g) for g in sweep.one_run_per_conv_group(groups, 'gpu')) == [2, 3]
+
+
 def test_renorm_clipping_schedule_is_structure():
   constant = TrainConfig(norm='renorm', rmax=2.0)
   assert sweep.model_hparams(constant) == ('momentum', 'renorm_momentum', 'rmax', 'dmax')
