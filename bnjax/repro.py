@@ -57,11 +57,13 @@ class Study:
 
 
 def cell(values: Sequence[float | None], digits: int = 4) -> str:
-  """'0.9781 ± 0.0012 (3)' for a table; '-' when there is no finite value."""
+  """'0.9781 ± 0.0012 (3)' for a table (one run: '0.9781'); '-' when there is no finite value."""
   mean, std, n = report_lib.mean_std(values)
   if n == 0:
     return '-'
-  return f'{mean:.{digits}f} ± {std:.{digits}f}' + (f' ({n})' if n > 1 else '')
+  if n == 1:
+    return f'{mean:.{digits}f}'
+  return f'{mean:.{digits}f} ± {std:.{digits}f} ({n})'
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

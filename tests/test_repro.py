@@ -76,7 +76,8 @@ def test_renorm_study_uses_the_papers_clipping_schedule_over_ghost_batches(tmp_p
 
 
 def test_momentum_batch_study_writes_both_heatmaps(tmp_path, data_dir):
-  results, out = _run('momentum_batch', tmp_path, data_dir, epochs=1, momenta=[0.6, 0.99], batch_sizes=[50, 250])
+  results, out = _run('momentum_batch', tmp_path, data_dir, epochs=1, seeds=[0], momenta=[0.6, 0.99],
+                      batch_sizes=[50, 250])
   rows = results['results']['rows']
   assert len(rows) == 2 * 3  # batch sizes x (two momenta + inverse decay)
   assert all(r['stats_gap'] == pytest.approx(r['test_accuracy_batch_stats'] - r['test_accuracy_moving_stats'])
