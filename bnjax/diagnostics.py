@@ -63,6 +63,21 @@ def probes(
   return state['probes']
 
 
+def with_batch_statistics(model: nn.Module, variables: Mapping[str, Any], images: Array,
+                          rng: Array | None = None) -> dict:
+  """`variables` whose moving statistics are replaced by one training-mode pass over `images`.
+
+  The model must be built with momentum 0 (the new moving statistics are then
+  exactly that pass's batch statistics): e.g. to measure a network at
+  initialization as if its moving statistics had caught up. `rng` feeds dropout.
+  """
+  if not variables.get('batch_stats'):
+    return dict(variables)
+  _, updates = model.apply(variables, images, train=True, rngs=None if rng is None else {'dropout': rng},
+                           mutable=['batch_stats'])
+  return {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+
+
 def _geometric_mean(ratios: Array) -> Array:
   return jnp.exp(jnp.mean(jnp.log(ratios)))
 

@@ -381,10 +381,7 @@ def shift_at_init(config: TrainConfig, images) -> dict:
   images = diagnostics.probe_examples(images, config.virtual_batch_size)
   key = jax.random.PRNGKey(config.seed)
   variables = model.init(key, images[: config.virtual_batch_size or 2], train=False)
-  if variables.get('batch_stats'):
-    _, updates = model.apply(variables, images, train=True, rngs={'dropout': jax.random.fold_in(key, 1)},
-                             mutable=['batch_stats'])
-    variables = {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+  variables = diagnostics.with_batch_statistics(model, variables, images, jax.random.fold_in(key, 1))
   return diagnostics.shift_summary(diagnostics.variance_shift(model, variables, images, jax.random.fold_in(key, 2)))
 
 

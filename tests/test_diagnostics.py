@@ -54,9 +54,7 @@ def test_moving_statistics_of_the_same_batch_make_both_ratios_one():
   # Momentum 0: the moving statistics are the last batch's, so inference on that batch is training.
   model = models.Net(layers=WIDTHS, norm='bn', momentum=0.0)
   images = _images(1024)
-  variables = _init(model, images)
-  _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-  variables = {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+  variables = diagnostics.with_batch_statistics(model, _init(model, images), images)
   shift = diagnostics.variance_shift(model, variables, images, jax.random.PRNGKey(5))
   np.testing.assert_allclose(shift['train_over_eval'], 1.0, rtol=1e-4)
   np.testing.assert_allclose(shift['moving_over_eval'], 1.0, rtol=1e-4)
@@ -65,9 +63,8 @@ def test_moving_statistics_of_the_same_batch_make_both_ratios_one():
 def test_stale_moving_variance_shows_in_the_moving_ratio():
   model = models.Net(layers=WIDTHS, norm='bn', momentum=0.0)
   images = _images(1024)
-  variables = _init(model, images)
-  _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-  stats = jax.tree.map(lambda x: x, updates['batch_stats'])
+  variables = diagnostics.with_batch_statistics(model, _init(model, images), images)
+  stats = dict(variables['batch_stats'])
   stats['norm_1'] = dict(stats['norm_1'], var=stats['norm_1']['var'] * 4.0)
   shift = diagnostics.variance_shift(model, {'params': variables['params'], 'batch_stats': stats}, images,
                                      jax.random.PRNGKey(5))
