@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bnjax import models
+
 Array = jnp.ndarray
 
 _SHUFFLE_STREAM = 1  # fold_in tags keep the random streams apart
@@ -212,9 +214,8 @@ def step_loop_for(model: nn.Module, choice: str = 'auto', backend: str | None = 
     raise ValueError(f'step_loop={choice!r}: expected one of {STEP_LOOPS}.')
   if choice != 'auto':
     return choice
-  has_conv = any(step[0] == 'conv' for step in getattr(model, 'layers', ()))
   on_cpu = (backend or jax.default_backend()) == 'cpu'
-  return 'python' if has_conv and on_cpu else 'scan'
+  return 'python' if models.has_convolutions(model) and on_cpu else 'scan'
 
 
 def make_train_steps(

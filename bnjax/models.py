@@ -382,6 +382,11 @@ _REGISTRY = {
 }
 
 
+def has_convolutions(model: nn.Module) -> bool:
+  """Whether a `Net` (or any module with a `layers` tuple of steps) has convolution steps."""
+  return any(step[0] == 'conv' for step in getattr(model, 'layers', ()))
+
+
 def names() -> tuple[str, ...]:
   """The registered model names."""
   return tuple(_REGISTRY)

@@ -227,9 +227,7 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
     return [list(g) for g in groups]
   from bnjax import models
 
-  def has_conv(config: TrainConfig) -> bool:
-    return any(step[0] == 'conv' for step in models.defaults(config.model)['model']['layers'])
-
+  has_conv = lambda config: models.has_convolutions(models.get(config.model))
   return [part for g in groups for part in ([[c] for c in g] if has_conv(g[0]) else [list(g)])]
 
 
