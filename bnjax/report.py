@@ -26,9 +26,6 @@ from bnjax.config import FIELDS  # noqa: E402
 
 METRIC = 'test_accuracy_moving_stats'
 SMALL_BATCH = 32
-_NUMERIC = ('final_val_accuracy', 'best_val_accuracy', 'final_train_accuracy', 'test_accuracy_moving_stats',
-            'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap', 'variance_shift', 'moving_variance_ratio',
-            'seconds')
 
 
 def _parse(text: str) -> Any:
@@ -84,6 +81,12 @@ def _cell(stats: tuple[float, float, int]) -> str:
   return '-' if n == 0 else f'{mean:.4f} ± {std:.4f}'
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A markdown table (no trailing newline): the header, its rule, one line per row."""
+  lines = ['| ' + ' | '.join(str(h) for h in header) + ' |', '|' + '---|' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows])
+
+
 def summary_table(rows: Sequence[dict]) -> str:
   """Markdown: one line per setting (seeds pooled): mean ± std of the main metrics, runs, statuses."""
   by = [f for f in varying_fields(rows) if f != 'seed'] or ['model']
@@ -92,11 +95,11 @@ def summary_table(rows: Sequence[dict]) -> str:
   statuses: dict[tuple, list] = {}
   for row in rows:
     statuses.setdefault(tuple(momentum_label(row) if f == 'momentum' else row.get(f) for f in by), []).append(row['status'])
-  lines = ['| ' + ' | '.join(by + list(metrics) + ['runs']) + ' |', '|' + '---|' * (len(by) + len(metrics) + 1)]
+  lines = []
   for key, status in statuses.items():
     counts = ', '.join(f'{status.count(s)} {s}' for s in sorted(set(status)))
-    lines.append('| ' + ' | '.join([str(k) for k in key] + [_cell(tables[m][key]) for m in metrics] + [counts]) + ' |')
-  return '\n'.join(lines)
+    lines.append(list(key) + [_cell(tables[m][key]) for m in metrics] + [counts])
+  return markdown_table(by + list(metrics) + ['runs'], lines)
 
 
 def sorted_labels(labels) -> list:

@@ -29,6 +29,7 @@ from bnjax import config as config_lib
 from bnjax import report as report_lib
 from bnjax import sweep as sweep_lib
 from bnjax.config import TrainConfig
+from bnjax.report import markdown_table
 
 BUDGETS = ('cpu', 'full')
 
@@ -64,12 +65,6 @@ def cell(values: Sequence[float | None], digits: int = 4) -> str:
   if n == 1:
     return f'{mean:.{digits}f}'
   return f'{mean:.{digits}f} ± {std:.{digits}f} ({n})'
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
-  return '\n'.join(lines) + '\n'
 
 
 def _sweep(configs: Sequence[TrainConfig], folder: Path, log) -> list[dict]:
@@ -122,14 +117,13 @@ def study_seed000(out: Path, settings: Mapping, data_dir: str | None, log) -> di
   configs = [config_lib.validate(dataclasses.replace(base, seed=seed, **v))
              for v in variants.values() for seed in settings['seeds']]
   records = _sweep(configs, out / 'sweep', log)
-  by_variant = {name: [r for r, c in zip(records, configs) if all(getattr(c, k) == v for k, v in fields.items())]
-                for name, fields in variants.items()}
+  by_variant = {name: _with(records, **fields) for name, fields in variants.items()}
   rows, results = [], {}
   for name, runs in by_variant.items():
     test = [r.get('test_accuracy_moving_stats') for r in runs]
     batch = [r.get('test_accuracy_batch_stats') for r in runs]
     best = [r.get('best_val_accuracy') for r in runs]
-    reference = SEED000_KERAS['plain' if name == 'plain' else 'bn'] if name in ('plain', 'bn (momentum 0.99)') else None
+    reference = {'plain': SEED000_KERAS['plain'], 'bn (momentum 0.99)': SEED000_KERAS['bn']}.get(name)
     rows.append([name, cell(test), cell(batch) if runs[0]['config']['norm'] != 'none' else '-', cell(best),
                  f'{reference[0]:.4f} ± {reference[1]:.4f}' if reference else '-'])
     results[name] = {'test_accuracy': test, 'test_accuracy_batch_stats': batch, 'best_val_accuracy': best,
@@ -247,10 +241,8 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
   for start in range(0, total, every):
     stop = min(start + every, total)
     epochs = range(start // per_epoch, (stop - 1) // per_epoch + 1)
-    for epoch in epochs:
-      if epoch not in epoch_cache:
-        epoch_cache.clear() if len(epoch_cache) > 2 else None
-        epoch_cache[epoch] = batches_of_epoch(state, epoch, num_train, config.batch_size)
+    epoch_cache = {e: epoch_cache[e] if e in epoch_cache else batches_of_epoch(state, e, num_train, config.batch_size)
+                   for e in epochs}
     flat = jax.numpy.concatenate([epoch_cache[e] for e in epochs])
     offset = epochs[0] * per_epoch
     state, _ = train(state, dataset.train_images, dataset.train_labels, flat[start - offset : stop - offset])
@@ -270,8 +262,9 @@ def study_fig1(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   for norm in ('none', 'bn'):
     config = _fig1_config(norm, settings, data_dir)
     path = out / f'track_{norm}.json'
-    if path.exists() and json.loads(path.read_text())['config'] == config.to_dict():
-      tracks[norm] = json.loads(path.read_text())['track']
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get('config') == config.to_dict():
+      tracks[norm] = cached['track']
       continue
     dataset = dataset or build.dataset(config, put=jax.device_put)
     tracks[norm] = train_tracked(config, dataset, settings['every'], log)
@@ -291,7 +284,7 @@ def study_fig1(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   drift = {norm: [p[1] for p in tracks[norm]['percentiles']] for norm in tracks}
   stats_rows = [[label, f'{np.ptp(drift[n]):.3f}', f'{min(spread[n]):.3f} .. {max(spread[n]):.3f}']
                 for label, n in (('without BN', 'none'), ('with BN', 'bn'))]
-  table = (markdown_table(['step', 'test accuracy without BN', 'test accuracy with BN'], rows) + '\n' +
+  table = (markdown_table(['step', 'test accuracy without BN', 'test accuracy with BN'], rows) + '\n\n' +
            markdown_table(['last-layer sigmoid input (unit 0, test set)', 'range of the median over training',
                            '85th - 15th percentile over training'], stats_rows))
   plt = _plt()
@@ -405,12 +398,8 @@ def _add_shift_at_init(records: Sequence[dict]) -> None:
 
 def _dropout_rows(records: Sequence[dict], label: str) -> list[list]:
   rows = []
-  keys = []
-  for r in records:
-    c = r['config']
-    key = (c['norm'], c['dropout_placement'], c['dropout_rate'])
-    if key not in keys:
-      keys.append(key)
+  keys = dict.fromkeys((r['config']['norm'], r['config']['dropout_placement'], r['config']['dropout_rate'])
+                       for r in records)
   for norm, placement, rate in keys:
     runs = _with(records, norm=norm, dropout_placement=placement, dropout_rate=rate)
     rows.append([label, norm, placement, f'{rate:g}' if placement != 'none' else '-',
@@ -626,7 +615,7 @@ def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides:
              'command': command, 'wall_seconds': seconds, 'environment': environment(),
              'results': produced['results'], 'table': produced['table']}
   write_json(out / 'results.json', results)
-  (out / 'table.md').write_text(f'{STUDIES[name].description}\n\n{produced["table"]}\n'
+  (out / 'table.md').write_text(f'{STUDIES[name].description}\n\n{produced["table"]}\n\n'
                                 f'Command: `{command}`; budget {budget}: {json.dumps(settings)}; '
                                 f'wall time {seconds / 60:.1f} min.\n')
   log(f'{name}: {out / "table.md"} ({seconds / 60:.1f} min)')
