@@ -1,4 +1,4 @@
-"""Time of bnjax.data.load on the real MNIST and CIFAR-10 in ../shared/data: median of rounds.
+"""Time of bnjax.lab.data.load on the real MNIST and CIFAR-10 in ../shared/data: median of rounds.
 
 Each load reads the files (MNIST: gzipped IDX; CIFAR-10: the python pickles), splits, scales and
 puts the arrays on the default device; `read` alone is timed too. The targets are MNIST well under
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from bnjax import data
+from bnjax.lab import data
 
 CASES = {
     'mnist (MNIST study: /255, test as validation)': ('mnist', {}),

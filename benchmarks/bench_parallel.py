@@ -32,8 +32,8 @@ def worker(devices: int, mode: str, batch: int, steps: int, repeats: int) -> Non
   import jax
   import numpy as np
 
-  from bnjax import build, engine, parallel
-  from bnjax.config import TrainConfig
+  from bnjax.lab import build, engine, parallel
+  from bnjax.lab.config import TrainConfig
 
   config = TrainConfig(model='mlp_seed', norm='bn', batch_size=batch, cross_device_stats=mode)
   rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from bnjax import build, experiment, sweep  # noqa: E402
-from bnjax.config import TrainConfig  # noqa: E402
+from bnjax.lab.config import TrainConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 MOMENTA = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]

@@ -2,8 +2,8 @@
 
 The Flax recipe: flax.linen with nn.BatchNorm, a jitted train step, and a
 Python loop over the batches of an epoch, each indexed from device arrays.
-bnjax: the same model from `bnjax.models`, one jitted `lax.scan` per epoch
-over device-shuffled batches (`bnjax.engine`). Both use Adam and the same
+bnjax: the same model from `bnjax.lab.models`, one jitted `lax.scan` per epoch
+over device-shuffled batches (`bnjax.lab.engine`). Both use Adam and the same
 batch; every variant is timed in the same run, interleaved, median of rounds.
 
     python benchmarks/bench_train.py                    # MNIST epoch + BN overhead + CIFAR steps
@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import optax
 
-from bnjax import data as data_lib
-from bnjax import engine, models
+from bnjax.lab import data as data_lib
+from bnjax.lab import engine, models
 
 DATA_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
@@ -93,7 +93,7 @@ def flax_recipe(module, images, labels, batch_size, lr):
 
 
 def bnjax_engine(model, images, labels, batch_size, lr):
-  """`run(steps)`: bnjax's engine as `bnjax.experiment` drives it: one scan of all the steps, or
+  """`run(steps)`: bnjax's engine as `bnjax.lab.experiment` drives it: one scan of all the steps, or
   (conv models on CPU, see `engine.step_loop_for`) one jitted step per call."""
   tx = optax.adam(lr)
   state = engine.init_train_state(model, tx, 0, images[:1])

@@ -6,8 +6,9 @@ The functional core needs only JAX:
     params, state = bnjax.batch_norm_init(64)
     y, state = bnjax.batch_norm(x, params, state, training=True)
 
-Submodules that pull in more (Flax modules, models, data, training) load on
-first access: `bnjax.flax`, `bnjax.models`, `bnjax.data`, ...
+Two subpackages pull in more and load on first access: `bnjax.linen`, the
+Flax modules around the core, and `bnjax.lab`, the experiment machinery
+(models, data, training loop, sweeps, studies). The core never imports them.
 """
 
 import importlib
@@ -31,13 +32,18 @@ from bnjax.schedules import (
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = (
-    'flax', 'models', 'data', 'config', 'build', 'engine', 'experiment', 'plots', 'parallel', 'sweep', 'report',
-    'diagnostics', 'repro',
-)
+_LAZY_SUBMODULES = ('linen', 'lab')
+# Old names of modules that moved (kept as aliases): the Flax wrappers, and the lab's modules.
+_MOVED = {'flax': 'bnjax.linen'} | {
+    name: f'bnjax.lab.{name}'
+    for name in ('models', 'data', 'config', 'build', 'engine', 'experiment', 'plots', 'parallel', 'sweep',
+                 'report', 'diagnostics', 'repro')
+}
 
 
 def __getattr__(name):
   if name in _LAZY_SUBMODULES:
     return importlib.import_module(f'bnjax.{name}')
+  if name in _MOVED:
+    return importlib.import_module(_MOVED[name])
   raise AttributeError(f"module 'bnjax' has no attribute {name!r}")

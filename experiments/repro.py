@@ -1,4 +1,4 @@
-r"""Reproduce a study of the source material or the papers (bnjax.repro; the results are in docs/results.md).
+r"""Reproduce a study of the source material or the papers (bnjax.lab.repro; the results are in docs/results.md).
 
     python experiments/repro.py --study=seed000                  # the CPU budget
     python experiments/repro.py --study=seed003 --budget=full    # the source's budget (GPU/TPU)

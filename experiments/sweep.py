@@ -1,11 +1,11 @@
 r"""Sweep BN hyperparameters: a grid of runs, trained K at a time as one vmapped program.
 
-    python experiments/sweep.py --preset=momentum                        # a study (bnjax.sweep.PRESETS)
+    python experiments/sweep.py --preset=momentum                        # a study (bnjax.lab.sweep.PRESETS)
     python experiments/sweep.py --preset=momentum --epochs=20 --dry_run  # list runs and groups, no training
     python experiments/sweep.py --momentum=0.6,0.9,0.99 --batch_size=32,128,500 \
         --dropout_placement=none,before_norm,end --dropout_rate=0.5 --norm=bn,renorm --seeds=0,1,2
 
-Every field of `bnjax.config.TrainConfig` is a flag taking comma-separated
+Every field of `bnjax.lab.config.TrainConfig` is a flag taking comma-separated
 values; one value sets it for every run, several make an axis of the grid.
 Re-running the same command in the same --sweep_dir skips finished runs.
 Outputs: <sweep_dir>/runs/<run_id>.json, results.csv, report.md and PNGs.

@@ -6,7 +6,7 @@ r"""Train one model: the main job of bnjax.
         --renorm_clipping=warmup --renorm_warmup_steps=500 --rmax_end_step=4000 --dmax_end_step=2500
     python experiments/train.py --norm=bn --update_stats=false --eval_stats=moving   # the classic bug
 
-Every field of `bnjax.config.TrainConfig` is a flag of the same name
+Every field of `bnjax.lab.config.TrainConfig` is a flag of the same name
 (`--helpfull` lists them with their help); flags given beside `--preset`
 override it. Outputs go to `--workdir` (default: runs/<preset or model>-<time>).
 """
@@ -34,7 +34,7 @@ HELP = {
     'validation': "'test': the test set is the validation set; a fraction (e.g. 0.3) holds out that part of train.",
     'validation_seed': 'Seed of the held-out split (the source: 777).',
     'augment': 'CIFAR-10 augmentation on device: random crop with 4-pixel padding, horizontal flip.',
-    'model': 'Model name (bnjax.models registry).',
+    'model': 'Model name (bnjax.lab.models registry).',
     'norm': 'none | bn | renorm (batch renormalization) | ghost (ghost batch norm, needs --virtual_batch_size).',
     'activation': 'Activation of every block.',
     'norm_position': 'Norm before (Dense -> BN -> act) or after the activation (Dense -> act -> BN).',
@@ -138,7 +138,7 @@ def main(argv):
   first = next(iter(configs.values()))
 
   # Heavy imports after the flags are checked: a bad flag fails in a second.
-  from bnjax import build, experiment, parallel, plots
+  from bnjax.lab import build, experiment, parallel, plots
   import jax
 
   # Before any other JAX call: afterwards jax.devices() lists every process's devices.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bnjax import data
-from bnjax.data import formats
+from bnjax.lab import data
+from bnjax.lab.data import formats
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -1,10 +1,10 @@
-"""bnjax.config: every invalid value or combination is rejected naming its flag; presets resolve."""
+"""bnjax.lab.config: every invalid value or combination is rejected naming its flag; presets resolve."""
 
 import dataclasses
 
 import pytest
 
-from bnjax import config as C
+from bnjax.lab import config as C
 
 INVALID = [
     (dict(batch_size=0), '--batch_size=0'),

@@ -1,4 +1,4 @@
-"""Tests of bnjax.data: small generated files in each format, their corruptions, TFDS under
+"""Tests of bnjax.lab.data: small generated files in each format, their corruptions, TFDS under
 tfds.testing.mock_data, preparation against numpy/scikit-learn references, on-device augmentation,
 and (marked integration) the real data sets in ../shared/data."""
 
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import data
-from bnjax.data import formats
+from bnjax.lab import data
+from bnjax.lab.data import formats
 
 from fixtures import cifar_batch, write_cifar_folder, write_idx, write_idx_folder
 

@@ -1,4 +1,4 @@
-"""bnjax.diagnostics: the variance shift against its closed form and exact cases, percentiles, summaries."""
+"""bnjax.lab.diagnostics: the variance shift against its closed form and exact cases, percentiles, summaries."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import diagnostics, models
+from bnjax.lab import diagnostics, models
 
 WIDTHS = (('flatten',), ('dense', 32), ('dense', 16))
 

@@ -1,4 +1,4 @@
-"""bnjax.engine: steps, epochs and evaluation as pure functions."""
+"""bnjax.lab.engine: steps, epochs and evaluation as pure functions."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import engine, models
+from bnjax.lab import engine, models
 
 
 @pytest.fixture(scope='module')

@@ -1,11 +1,11 @@
-"""bnjax.experiment: a whole run on small generated data, its outputs, resume, divergence, the stats bug."""
+"""bnjax.lab.experiment: a whole run on small generated data, its outputs, resume, divergence, the stats bug."""
 
 import json
 
 import pytest
 
-from bnjax import config as C
-from bnjax import experiment
+from bnjax.lab import config as C
+from bnjax.lab import experiment
 from fixtures import write_learnable_mnist
 
 QUIET = dict(progress=False, log=lambda message: None)

@@ -1,4 +1,4 @@
-"""Tests for bnjax.models: counts against Keras, every norm x dropout x position combination under
+"""Tests for bnjax.lab.models: counts against Keras, every norm x dropout x position combination under
 jit and grad, layer order through the probes, the pure-function reference, and vmap."""
 
 import itertools
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax import models
-from bnjax.flax import norm_state
+from bnjax.lab import models
+from bnjax.linen import norm_state
 
 MNIST = (8, 28, 28, 1)
 CIFAR_SMALL = (8, 8, 8, 3)  # three 2x2 pools still fit; compiles fast

@@ -1,4 +1,4 @@
-"""bnjax.parallel: data-parallel training equals one device (8 forced CPU devices, in subprocesses).
+"""bnjax.lab.parallel: data-parallel training equals one device (8 forced CPU devices, in subprocesses).
 
 XLA_FLAGS must be set before jax is imported, so the multi-device runs are
 scripts in tests/scripts run as subprocesses, each bounded by a timeout.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnjax import config as config_lib
+from bnjax.lab import config as config_lib
 from conftest import REPO
 from fixtures import write_learnable_mnist
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bnjax import report, sweep
-from bnjax.config import TrainConfig
+from bnjax.lab import report, sweep
+from bnjax.lab.config import TrainConfig
 
 
 def write_results(path, runs):

@@ -1,4 +1,4 @@
-"""bnjax.repro and experiments/repro.py: every study end to end at a tiny budget on generated data.
+"""bnjax.lab.repro and experiments/repro.py: every study end to end at a tiny budget on generated data.
 
 The studies' numbers are in docs/results.md (real data); here each study must run, write its
 outputs, and show the invariants its design implies (e.g. BN momentum cannot change what
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from bnjax import repro
+from bnjax.lab import repro
 from conftest import REPO
 from fixtures import learnable_digits, write_cifar_folder, write_learnable_mnist
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import build, engine, experiment, sweep
-from bnjax.config import TrainConfig
+from bnjax.lab import build, engine, experiment, sweep
+from bnjax.lab.config import TrainConfig
 from conftest import REPO
 from fixtures import write_learnable_mnist
 

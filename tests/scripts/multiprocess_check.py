@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from bnjax import parallel
+from bnjax.lab import parallel
 
 port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if process_id >= 0:
@@ -21,7 +21,7 @@ if process_id >= 0:
 import jax  # noqa: E402
 
 from bnjax import build, engine  # noqa: E402
-from bnjax.config import TrainConfig  # noqa: E402
+from bnjax.lab.config import TrainConfig  # noqa: E402
 
 BATCH, STEPS = 64, 3
 config = TrainConfig(model='mlp_seed', norm='bn', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')

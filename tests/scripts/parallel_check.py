@@ -10,8 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from bnjax import build, engine, parallel
-from bnjax.config import TrainConfig
+from bnjax.lab import build, engine, parallel
+from bnjax.lab.config import TrainConfig
 
 DEVICES = 8
 BATCH = 64

@@ -91,7 +91,7 @@ class TrainConfig:
   checkpoint_every: int = 1  # epochs; 0: no checkpoints
   progress_updates: int = 10  # progress-bar refreshes (and divergence checks) per epoch
   step_loop: str = 'auto'  # scan: an epoch is a few jitted scans; python: one jitted step per call
-  # Data parallelism (bnjax.parallel).
+  # Data parallelism (bnjax.lab.parallel).
   num_devices: int | None = None  # None: every device of every process; 1: the single-device path
   cross_device_stats: str = 'sync'  # sync: BN over the global batch; local: over each device's shard
   coordinator_address: str | None = None  # multi-process: host:port of process 0, or 'auto' (TPU pod, SLURM)

@@ -38,7 +38,7 @@ values, which is how one program runs K momentums under `jax.vmap`:
                                                 mutable=['batch_stats'])
     jax.vmap(run)(jnp.array([0.9, 0.99]), stacked_variables)
 
-(`bnjax.models` builds its norm layers this way from an `hparams` argument.)
+(`bnjax.lab.models` builds its norm layers this way from an `hparams` argument.)
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def norm_state(stats: Mapping[str, Array]) -> norm_lib.BatchNormState | norm_lib
   if missing:
     raise ValueError(
         f'norm_state: the statistics have keys {sorted(stats)}, missing {sorted(missing)} of a '
-        f'{state_type.__name__}; pass the batch_stats of one bnjax.flax layer.'
+        f'{state_type.__name__}; pass the batch_stats of one bnjax.linen layer.'
     )
   return state_type(**{field: stats[field] for field in state_type._fields})
 

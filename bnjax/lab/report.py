@@ -22,7 +22,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from bnjax.config import FIELDS  # noqa: E402
+from bnjax.lab.config import FIELDS  # noqa: E402
 
 METRIC = 'test_accuracy_moving_stats'
 SMALL_BATCH = 32

@@ -1,4 +1,4 @@
-"""Tests for bnjax.flax: the modules equal the pure functions they wrap, and flax.linen.BatchNorm."""
+"""Tests for bnjax.linen: the modules equal the pure functions they wrap, and flax.linen.BatchNorm."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax.flax import BatchNorm, BatchRenorm, norm_state
+from bnjax.linen import BatchNorm, BatchRenorm, norm_state
 
 C = 5
 

@@ -11,10 +11,10 @@ import math
 import flax.linen as nn
 import optax
 
-from bnjax import data as data_lib
-from bnjax import models
+from bnjax.lab import data as data_lib
+from bnjax.lab import models
 from bnjax import schedules
-from bnjax.config import TrainConfig, validation_fraction
+from bnjax.lab.config import TrainConfig, validation_fraction
 
 
 def model(config: TrainConfig) -> nn.Module:

@@ -1,6 +1,6 @@
 """Image classification data as whole arrays: MNIST, Fashion-MNIST and CIFAR-10.
 
-    ds = bnjax.data.load('cifar10', scaling='standardize', validation=0.3, data_dir=...)
+    ds = bnjax.lab.data.load('cifar10', scaling='standardize', validation=0.3, data_dir=...)
     ds.train_images  # float32 [35000, 32, 32, 3] on the default device
 
 `load` reads a data set (local files in their canonical formats, else TFDS), splits off validation,
@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from bnjax.data.augment import augment_cifar
-from bnjax.data.formats import (
+from bnjax.lab.data.augment import augment_cifar
+from bnjax.lab.data.formats import (
     DataError,
     DataNotFoundError,
     Raw,
@@ -34,7 +34,7 @@ from bnjax.data.formats import (
     read_keras_npz,
     read_tfds,
 )
-from bnjax.data.prepare import (
+from bnjax.lab.data.prepare import (
     Dataset,
     Preprocessing,
     channel_stats,
@@ -43,7 +43,7 @@ from bnjax.data.prepare import (
     scale_images,
     split_indices,
 )
-from bnjax.data.sources import (
+from bnjax.lab.data.sources import (
     ENV_DATA_DIR,
     SPECS,
     DatasetSpec,

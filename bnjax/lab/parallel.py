@@ -48,8 +48,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bnjax import engine
-from bnjax.config import CHOICES
+from bnjax.lab import engine
+from bnjax.lab.config import CHOICES
 
 AXIS = 'batch'
 CROSS_DEVICE_STATS = CHOICES['cross_device_stats']

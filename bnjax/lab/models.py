@@ -1,6 +1,6 @@
 """The study models: one registry of named Flax modules and their default hyperparameters.
 
-    model = bnjax.models.get('mlp_seed', norm='bn', dropout_placement='end')
+    model = bnjax.lab.models.get('mlp_seed', norm='bn', dropout_placement='end')
     variables = model.init(key, x)                       # {'params', 'batch_stats'}
     logits, updates = model.apply(variables, x, train=True, rngs={'dropout': key},
                                   mutable=['batch_stats'])
@@ -32,7 +32,7 @@ Options (fields of `Net`; `get` checks them):
   relu | swish | sigmoid, `norm_position` before_activation | after_activation,
   `dropout_placement` (below), `layers` (the architecture), `num_classes`,
   `kernel_init`.
-- norm options, given to every norm layer (`bnjax.flax`): `momentum`,
+- norm options, given to every norm layer (`bnjax.linen`): `momentum`,
   `epsilon`, `renorm_momentum`, `rmax`, `dmax`, `virtual_batch_size`,
   `center`, `scale` (turn off after the activation, as the source suggests),
   `debias`, `axis_name`.
@@ -84,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bnjax.flax as bnflax
+import bnjax.linen as bnflax
 from bnjax import moments as moments_lib
 from bnjax.schedules import ScalarOrSchedule
 

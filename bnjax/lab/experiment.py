@@ -1,6 +1,6 @@
 """One training run, end to end: data -> model -> epochs -> metrics, plots, checkpoints.
 
-    summary = bnjax.experiment.run(config)
+    summary = bnjax.lab.experiment.run(config)
 
 Outputs in `config.workdir` (when set):
 - `config.json`: every resolved hyperparameter, jax/flax versions, device kind;
@@ -15,7 +15,7 @@ Outputs in `config.workdir` (when set):
   uninterrupted run.
 
 With several devices (`config.num_devices`, default every device of every
-process) the steps run data-parallel (`bnjax.parallel`): the state and data
+process) the steps run data-parallel (`bnjax.lab.parallel`): the state and data
 are replicated, each device trains on its slice of every global batch. In a
 multi-process run every process runs this same function; process 0 writes the
 files above, and Orbax coordinates the checkpoints.
@@ -39,9 +39,9 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from bnjax import build, diagnostics, engine, parallel, plots
-from bnjax.config import TrainConfig
-from bnjax.data import augment_cifar
+from bnjax.lab import build, diagnostics, engine, parallel, plots
+from bnjax.lab.config import TrainConfig
+from bnjax.lab.data import augment_cifar
 
 STATUS_COMPLETED = 'completed'
 STATUS_DIVERGED = 'diverged'
@@ -118,7 +118,7 @@ def run(
 
   Args:
     config: a validated `TrainConfig`.
-    dataset: an already loaded `bnjax.data.Dataset` with device arrays (e.g.
+    dataset: an already loaded `bnjax.lab.data.Dataset` with device arrays (e.g.
       shared by the runs of a preset); loaded from the config when None.
     resume: continue from the latest checkpoint in `config.workdir`, if any.
     interrupt_after_epoch: fault injection: stop with `Interrupted` right

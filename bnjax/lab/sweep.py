@@ -48,9 +48,9 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bnjax.config import FIELDS, TrainConfig, validate
+from bnjax.lab.config import FIELDS, TrainConfig, validate
 
-STATUS_COMPLETED = 'completed'  # the same words as bnjax.experiment
+STATUS_COMPLETED = 'completed'  # the same words as bnjax.lab.experiment
 STATUS_DIVERGED = 'diverged'
 STATUS_ERROR = 'error'
 
@@ -66,7 +66,7 @@ MOMENTUM_FIELDS = ('momentum', 'momentum_schedule', 'momentum_decay_rate', 'mome
 METRIC_COLUMNS = (
     'status', 'final_val_accuracy', 'best_val_accuracy', 'best_epoch', 'final_train_accuracy',
     'test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap',
-    'variance_shift', 'moving_variance_ratio',  # bnjax.diagnostics: geometric means over the norm layers
+    'variance_shift', 'moving_variance_ratio',  # bnjax.lab.diagnostics: geometric means over the norm layers
     'epochs_completed', 'diverged_epoch', 'seconds', 'group_seconds', 'group_size', 'error',
 )
 CURVE_COLUMN = 'val_accuracy_curve'  # JSON list: validation accuracy per epoch
@@ -225,7 +225,7 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
   """
   if backend != 'cpu':
     return [list(g) for g in groups]
-  from bnjax import models
+  from bnjax.lab import models
 
   has_conv = lambda config: models.has_convolutions(models.get(config.model))
   return [part for g in groups for part in ([[c] for c in g] if has_conv(g[0]) else [list(g)])]
@@ -255,7 +255,7 @@ def group_optimizer(config: TrainConfig, total_steps: int):
   """`build.optimizer` at peak learning rate 1, then a per-lane injected `scale` (the peak)."""
   import optax
 
-  from bnjax import build
+  from bnjax.lab import build
 
   unit = build.optimizer(dataclasses.replace(config, learning_rate=1.0), total_steps)
   return optax.chain(unit, optax.inject_hyperparams(optax.scale)(step_size=1.0))
@@ -266,7 +266,7 @@ def init_group_states(model, optimizer, configs: Sequence[TrainConfig], sample):
   import jax
   import jax.numpy as jnp
 
-  from bnjax import engine
+  from bnjax.lab import engine
 
   seeds = jnp.asarray([c.seed for c in configs], jnp.int32)
   states = jax.jit(jax.vmap(lambda seed: engine.init_train_state(model, optimizer, seed, sample)))(seeds)
@@ -290,8 +290,8 @@ def _programs(config: TrainConfig, total_steps: int, cache: dict):
     return cache[key]
   import jax
 
-  from bnjax import build, engine
-  from bnjax.data import augment_cifar
+  from bnjax.lab import build, engine
+  from bnjax.lab.data import augment_cifar
 
   model = build.model(config)
   optimizer = group_optimizer(config, total_steps)
@@ -317,7 +317,7 @@ def lane_variance_shift(model, state, images, hparams):
   """`diagnostics.variance_shift` of one run's state (the dropout key derives from its seed)."""
   import jax
 
-  from bnjax import diagnostics
+  from bnjax.lab import diagnostics
 
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   rng = jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM)
@@ -330,7 +330,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
 
   Args:
     configs: K validated configs with one `group_key`.
-    dataset: a `bnjax.data.Dataset` with device arrays, shared by the lanes.
+    dataset: a `bnjax.lab.data.Dataset` with device arrays, shared by the lanes.
     cache: compiled programs by group key, reused across calls when given.
 
   Returns:
@@ -341,7 +341,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
   import jax
   import numpy as np
 
-  from bnjax import build, diagnostics, engine
+  from bnjax.lab import build, diagnostics, engine
 
   keys = {group_key(c) for c in configs}
   if len(keys) != 1:
@@ -481,8 +481,8 @@ def run_sweep(
   """
   import jax
 
-  from bnjax import build
-  from bnjax.experiment import write_json  # atomic: tmp file + os.replace
+  from bnjax.lab import build
+  from bnjax.lab.experiment import write_json  # atomic: tmp file + os.replace
 
   sweep_dir = Path(sweep_dir)
   (sweep_dir / 'runs').mkdir(parents=True, exist_ok=True)
@@ -518,7 +518,7 @@ def run_sweep(
       raise Interrupted(f'interrupted after group {index + 1} (fault injection)')
   write_results(sweep_dir, ids)
   if report:
-    from bnjax import report as report_lib
+    from bnjax.lab import report as report_lib
 
     report_lib.write_report(sweep_dir / 'results.csv', command=command, log=log)
   done = finished_runs(sweep_dir)

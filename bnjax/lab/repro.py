@@ -25,11 +25,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bnjax import config as config_lib
-from bnjax import report as report_lib
-from bnjax import sweep as sweep_lib
-from bnjax.config import TrainConfig
-from bnjax.report import markdown_table
+from bnjax.lab import config as config_lib
+from bnjax.lab import report as report_lib
+from bnjax.lab import sweep as sweep_lib
+from bnjax.lab.config import TrainConfig
+from bnjax.lab.report import markdown_table
 
 BUDGETS = ('cpu', 'full')
 
@@ -69,7 +69,7 @@ def cell(values: Sequence[float | None], digits: int = 4) -> str:
 
 def _sweep(configs: Sequence[TrainConfig], folder: Path, log) -> list[dict]:
   """`sweep.run_sweep` (resumable, vmapped groups) in `folder`, records in the configs' order."""
-  records = sweep_lib.run_sweep(configs, folder, command='bnjax.repro', report=False, log=log)
+  records = sweep_lib.run_sweep(configs, folder, command='bnjax.lab.repro', report=False, log=log)
   failed = [r for r in records if r['status'] == sweep_lib.STATUS_ERROR]
   if failed:
     raise RuntimeError(f'{len(failed)} run(s) failed, e.g. {failed[0].get("error")}')
@@ -109,7 +109,7 @@ def _plt():
 
 
 def study_seed000(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
-  from bnjax import plots
+  from bnjax.lab import plots
 
   base = TrainConfig(**_MNIST, batch_size=500, epochs=settings['epochs'], data_dir=data_dir)
   variants = {'plain': dict(norm='none')}
@@ -155,7 +155,7 @@ def study_seed000(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 
 
 def study_seed003(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
-  from bnjax import experiment
+  from bnjax.lab import experiment
 
   config = config_lib.validate(TrainConfig(**{**_CIFAR, 'epochs': settings['epochs'], 'seed': settings['seed'],
                                               'data_dir': data_dir, 'workdir': str(out / 'run')}))
@@ -207,7 +207,7 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
   """
   import jax
 
-  from bnjax import build, diagnostics, engine
+  from bnjax.lab import build, diagnostics, engine
 
   num_train = dataset.train_images.shape[0]
   total = build.total_steps(config, num_train)
@@ -255,7 +255,7 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
 def study_fig1(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   import jax
 
-  from bnjax import build
+  from bnjax.lab import build
 
   tracks = {}
   dataset = None
@@ -368,7 +368,7 @@ def shift_at_init(config: TrainConfig, images) -> dict:
   one training-mode pass over `images` (as if training had just begun and momentum were 0)."""
   import jax
 
-  from bnjax import build, diagnostics
+  from bnjax.lab import build, diagnostics
 
   model = build.model(dataclasses.replace(config, momentum=0.0))
   images = diagnostics.probe_examples(images, config.virtual_batch_size)
@@ -382,7 +382,7 @@ def _add_shift_at_init(records: Sequence[dict]) -> None:
   """Adds `variance_shift_at_init` (and its blocks) to each record: seed 0's model of its setting."""
   import jax
 
-  from bnjax import build
+  from bnjax.lab import build
 
   cache: dict[str, dict] = {}
   images = None
@@ -466,7 +466,7 @@ def study_dropout(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 
 
 def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
-  from bnjax import build
+  from bnjax.lab import build
 
   batch = settings['batch_size']
   base = TrainConfig(**_MNIST, batch_size=batch, data_dir=data_dir)
@@ -603,7 +603,7 @@ def settings_for(name: str, budget: str, overrides: Mapping[str, Any] | None = N
 def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides: Mapping[str, Any] | None = None,
               data_dir: str | None = None, command: str = '', log: Callable[[str], None] = print) -> dict:
   """Runs study `name` into `out_dir/name/`; returns (and writes) its results.json."""
-  from bnjax.experiment import environment, write_json
+  from bnjax.lab.experiment import environment, write_json
 
   settings = settings_for(name, budget, overrides)
   out = Path(out_dir) / name

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from bnjax.data.formats import (
+from bnjax.lab.data.formats import (
     CIFAR_ARCHIVE,
     CIFAR_FOLDER,
     CIFAR_TEST_BATCH,

@@ -1,4 +1,4 @@
-"""Measurements of a trained model's normalization inputs, from the model's probes (`bnjax.models`).
+"""Measurements of a trained model's normalization inputs, from the model's probes (`bnjax.lab.models`).
 
 Variance shift (Li et al. 2019, "Understanding the disharmony between dropout
 and batch normalization"): dropout placed before a norm layer makes the
@@ -30,12 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax import flax as bnflax
+from bnjax import linen as bnflax
 from bnjax import norm as norm_lib
 
 Array = jnp.ndarray
 
-SHIFT_STREAM = 3  # fold_in tag of the measurement's dropout key from a run's key (bnjax.engine uses 1 and 2)
+SHIFT_STREAM = 3  # fold_in tag of the measurement's dropout key from a run's key (bnjax.lab.engine uses 1 and 2)
 
 
 def probes(
@@ -96,7 +96,7 @@ def variance_shift(
   """Variance shift of every block's norm-layer input (see the module docstring).
 
   Args:
-    model: a `bnjax.models.Net`.
+    model: a `bnjax.lab.models.Net`.
     variables: `{'params': ..., 'batch_stats': ...}` of the trained model.
     images: `[N, ...]` examples to measure on (e.g. a slice of the test set).
     rng: the dropout key of the train-mode pass.

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from bnjax.data.formats import Raw
-from bnjax.data.sources import DatasetSpec
+from bnjax.lab.data.formats import Raw
+from bnjax.lab.data.sources import DatasetSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bnjax import models
+from bnjax.lab import models
 
 Array = jnp.ndarray
 
@@ -112,11 +112,11 @@ def train_step(
 
   Args:
     hparams: values the model takes at call time (momentum, dropout_rate, ...;
-      see `bnjax.models`), e.g. one of K vmapped runs' values.
+      see `bnjax.lab.models`), e.g. one of K vmapped runs' values.
     update_stats: False reproduces the classic bug: train with batch
       statistics but never keep the updated moving statistics.
     augment: optional `(key, images) -> images`, applied on device.
-    axis_name: data parallelism (see `bnjax.parallel`): the step runs under
+    axis_name: data parallelism (see `bnjax.lab.parallel`): the step runs under
       `shard_map` on one shard of the global batch per device along this
       mapped axis, with the state replicated. The loss is the local sum over
       the global batch size, so that autodiff's sum over devices of the
@@ -232,7 +232,7 @@ def make_train_steps(
   Not jitted: jit it (with the state donated) or vmap it first over K runs.
   `unroll=True` writes the S steps out one after the other (no scan at
   all): use it with small S (e.g. 1, `step_loop='python'`). `axis_name`: see
-  `train_step` (`bnjax.parallel.make_train_steps` wraps this in `shard_map`).
+  `train_step` (`bnjax.lab.parallel.make_train_steps` wraps this in `shard_map`).
   """
   step = functools.partial(
       train_step, model, optimizer, update_stats=update_stats, augment=augment, axis_name=axis_name
