@@ -85,8 +85,8 @@ def test_evaluate_covers_every_example(small, batch_size):
 def test_batch_statistics_evaluation_uses_each_batch_and_no_dropout(small):
   model, optimizer, images, labels = small
   state = engine.init_train_state(model, optimizer, 0, images[:1])
-  a = engine.eval_step(model, state, images[:50], labels[:50], batch_stats_mode=True)
-  b = engine.eval_step(model, state, images[:50], labels[:50], batch_stats_mode=True)
+  a = engine.eval_step(model, state, images[:50], labels[:50], eval_stats='batch')
+  b = engine.eval_step(model, state, images[:50], labels[:50], eval_stats='batch')
   np.testing.assert_array_equal(a.loss_sum, b.loss_sum)  # deterministic: no dropout
   moving = engine.eval_step(model, state, images[:50], labels[:50])
   assert not np.isclose(float(a.loss_sum), float(moving.loss_sum))
@@ -97,9 +97,9 @@ def test_batch_statistics_evaluation_of_a_ghost_model_fills_whole_ghost_batches(
   model = models.get('mlp_seed', norm='ghost', virtual_batch_size=8)
   state = engine.init_train_state(model, optimizer, 0, images[:8])
   # Batch 100 becomes 96 (a multiple of 8); of 130 examples the 128 in whole ghost batches count.
-  totals = jax.jit(engine.make_evaluate(model, batch_size=100, batch_stats_mode=True))(state, images, labels)
+  totals = jax.jit(engine.make_evaluate(model, batch_size=100, eval_stats='batch'))(state, images, labels)
   assert int(totals.count) == 128
-  parts = [engine.eval_step(model, state, images[a:b], labels[a:b], batch_stats_mode=True)
+  parts = [engine.eval_step(model, state, images[a:b], labels[a:b], eval_stats='batch')
            for a, b in ((0, 96), (96, 128))]
   np.testing.assert_allclose(totals.loss_sum, sum(float(m.loss_sum) for m in parts), rtol=1e-5)
   moving = jax.jit(engine.make_evaluate(model, batch_size=100))(state, images, labels)

@@ -13,29 +13,33 @@ import optax
 
 from bnjax.lab import data as data_lib
 from bnjax.lab import models
+from bnjax.lab import options as options_lib
 from bnjax import schedules
-from bnjax.lab.config import TrainConfig, validation_fraction
+from bnjax.lab.config import TrainConfig, dataset_key, validation_fraction
 
 
 def model(config: TrainConfig) -> nn.Module:
-  """The configured Flax module (norm kind, placement, every BN option)."""
-  options = dict(
+  """The configured Flax module: the architecture, and the norm kind with the options it takes.
+
+  The norm layer options come from the option table: each option the kind
+  takes (`NORM_KINDS[norm].options`) that is a layer argument, with
+  momentum, rmax and dmax turned into their schedules where configured.
+  """
+  kind = options_lib.norm_kind(config.norm)
+  norm_options = {name: getattr(config, name) for name in kind.options if options_lib.OPTIONS[name].layer_arg}
+  if 'momentum' in norm_options:
+    norm_options['momentum'] = momentum(config)
+  if 'rmax' in norm_options:
+    norm_options['rmax'], norm_options['dmax'] = renorm_clipping(config)
+  return models.get(
+      config.model,
       norm=config.norm,
       activation=config.activation,
       norm_position=config.norm_position,
       dropout_placement=config.dropout_placement,
       dropout_rate=config.dropout_rate,
-      epsilon=config.epsilon,
-      center=config.center,
-      scale=config.scale,
-      debias=config.debias,
-      momentum=momentum(config),
-      virtual_batch_size=config.virtual_batch_size,
+      norm_options=norm_options,
   )
-  if config.norm == 'renorm':
-    rmax, dmax = renorm_clipping(config)
-    options.update(renorm_momentum=config.renorm_momentum, rmax=rmax, dmax=dmax)
-  return models.get(config.model, **options)
 
 
 def momentum(config: TrainConfig):
@@ -132,8 +136,3 @@ def total_steps(config: TrainConfig, num_train: int) -> int:
 def num_epochs(config: TrainConfig, num_train: int) -> int:
   """Epochs the run loops over (the last may be partial when --steps is given)."""
   return math.ceil(total_steps(config, num_train) / steps_per_epoch(config, num_train))
-
-
-def dataset_key(config: TrainConfig) -> tuple:
-  """The settings that determine the prepared data: runs with equal keys can share one load."""
-  return (config.dataset, config.data_source, config.data_dir, config.scaling, config.validation, config.validation_seed)

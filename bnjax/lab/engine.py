@@ -171,15 +171,15 @@ def eval_step(
     labels: Array,
     hparams: Mapping | None = None,
     *,
-    batch_stats_mode: bool = False,
+    eval_stats: str = 'moving',
 ) -> Metrics:
   """Metrics of a batch: with the moving statistics (the correct way), or with the batch's own.
 
-  `batch_stats_mode=True` evaluates as in training (each batch normalized by
+  `eval_stats='batch'` evaluates as in training (each batch normalized by
   its own statistics, updates discarded) but without dropout.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  if batch_stats_mode:
+  if eval_stats == 'batch':
     hparams = dict(hparams or {}, dropout_rate=0.0)
     logits, _ = model.apply(variables, images, train=True, hparams=hparams, mutable=['batch_stats'])
   else:
@@ -203,6 +203,8 @@ def epoch_batches(state: TrainState, epoch: int | Array, num_examples: int, batc
 
 
 STEP_LOOPS = ('auto', 'scan', 'python')
+# How evaluation normalizes: 'moving' statistics (inference, the correct way), or each 'batch''s own.
+EVAL_STATS = ('moving', 'batch')
 
 
 def step_loop_for(model: nn.Module, choice: str = 'auto', backend: str | None = None) -> str:
@@ -257,11 +259,11 @@ def make_train_steps(
   return run
 
 
-def make_evaluate(model: nn.Module, *, batch_size: int, batch_stats_mode: bool = False) -> Callable:
+def make_evaluate(model: nn.Module, *, batch_size: int, eval_stats: str = 'moving') -> Callable:
   """`evaluate(state, images, labels, hparams) -> Metrics` over every example, in batches.
 
   Full batches run in one scan; the remainder (if any) as one smaller batch.
-  With `batch_stats_mode` the batch size is part of the experiment (the
+  With `eval_stats='batch'` the batch size is part of the experiment (the
   statistics of `batch_size` test examples), so the remainder batch's
   statistics come from fewer examples. A ghost-batch model (its
   `virtual_batch_size` set) normalizes over ghost batches in that mode: the
@@ -269,8 +271,10 @@ def make_evaluate(model: nn.Module, *, batch_size: int, batch_stats_mode: bool =
   `num % virtual_batch_size` examples, which fill no ghost batch, are left out
   (`Metrics.count` says how many were evaluated).
   """
-  step = functools.partial(eval_step, model, batch_stats_mode=batch_stats_mode)
-  group = getattr(model, 'virtual_batch_size', None) if batch_stats_mode else None
+  if eval_stats not in EVAL_STATS:
+    raise ValueError(f'eval_stats={eval_stats!r}: expected one of {EVAL_STATS}.')
+  step = functools.partial(eval_step, model, eval_stats=eval_stats)
+  group = getattr(model, 'virtual_batch_size', None) if eval_stats == 'batch' else None
   if group:
     batch_size = max(group, batch_size - batch_size % group)
 

@@ -79,18 +79,18 @@ import copy
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bnjax.linen as bnflax
 from bnjax import moments as moments_lib
-from bnjax.schedules import ScalarOrSchedule
+from bnjax.lab import architectures
+from bnjax.lab import options as options_lib
 
 Array = jnp.ndarray
 
-NORMS = ('none', 'bn', 'renorm', 'ghost')
 ACTIVATIONS = {'relu': nn.relu, 'swish': nn.swish, 'sigmoid': nn.sigmoid}
 NORM_POSITIONS = ('before_activation', 'after_activation')
 DROPOUT_PLACEMENTS = ('none', 'before_norm', 'after_norm', 'end')
@@ -98,8 +98,10 @@ KERNEL_INITS = {
     'glorot_uniform': nn.initializers.glorot_uniform(),  # Keras's default
     'lecun_normal': nn.initializers.lecun_normal(),  # Flax's default
 }
-# Values that `apply(..., hparams=...)` may override (and `jax.vmap` batch over).
-HPARAMS = ('momentum', 'renorm_momentum', 'rmax', 'dmax', 'dropout_rate')
+# Values that `apply(..., hparams=...)` may override (and `jax.vmap` batch over): the option table's model values.
+HPARAMS = tuple(name for name, option in options_lib.OPTIONS.items() if option.model_value)
+# Options of the norm layers (`Net.norm_options`), each taken by the norm kinds that name it.
+NORM_LAYER_OPTIONS = tuple(name for name, option in options_lib.OPTIONS.items() if option.layer_arg)
 PROBE_PERCENTILES = (15.0, 50.0, 85.0)  # the BN paper's Figure 1
 # The architecture: a tuple of steps, each one of these, e.g. ('dense', 256).
 LAYER_STEPS = {'flatten': 0, 'pool': 1, 'dense': 1, 'conv': 1}  # step -> number of int arguments
@@ -189,6 +191,11 @@ def _check_layers(layers) -> None:
     raise ValueError(f'layers={layers!r} has no dense or conv block{valid}')
 
 
+def _is_default(value, default) -> bool:
+  """True for a concrete value equal to the default (a traced value may be anything)."""
+  return value is default or (isinstance(value, (int, float, bool, np.number)) and value == default)
+
+
 def _is_zero(value) -> bool:
   """True only for a concrete 0 (a traced rate may be anything)."""
   return isinstance(value, (int, float, np.number)) and value == 0
@@ -202,8 +209,12 @@ class Net(nn.Module):
   `[N, 32, 32, 3]` for the CNN); logits `[N, num_classes]` (no softmax:
   the loss applies it, e.g. `optax.softmax_cross_entropy`). `train=True`
   uses batch statistics (`batch_stats` must be mutable) and dropout (rng
-  collection 'dropout'). `hparams`: values that override the fields named in
+  collection 'dropout'). `hparams`: values that override the options named in
   `HPARAMS`. `probe_unit`: the unit whose percentiles the probes take.
+
+  The norm layer comes from the norm kind's table entry
+  (`bnjax.lab.options.NORM_KINDS`); `norm_options` holds the norm options
+  given (numbers, arrays or schedules), the table's defaults fill the rest.
   """
 
   layers: tuple
@@ -214,61 +225,56 @@ class Net(nn.Module):
   dropout_placement: str = 'none'
   dropout_rate: float = 0.5
   kernel_init: str = 'glorot_uniform'
-  momentum: ScalarOrSchedule | None = 0.99
-  epsilon: float = 1e-3
-  renorm_momentum: ScalarOrSchedule = 0.99
-  rmax: ScalarOrSchedule = 3.0
-  dmax: ScalarOrSchedule = 5.0
-  virtual_batch_size: int | None = None
-  center: bool = True
-  scale: bool = True
-  debias: bool = False
+  norm_options: Mapping[str, Any] = flax.core.FrozenDict()
   axis_name: Any = None
 
   def __post_init__(self):
     _check_layers(self.layers)
-    _check_choice('norm', self.norm, NORMS)
+    _check_choice('norm', self.norm, tuple(options_lib.NORM_KINDS))
     _check_choice('activation', self.activation, tuple(ACTIVATIONS))
     _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, tuple(KERNEL_INITS))
-    if self.norm == 'ghost' and self.virtual_batch_size is None:
-      raise ValueError("norm='ghost' needs virtual_batch_size (the ghost batch size, dividing the batch).")
-    if self.norm in ('none', 'bn') and self.virtual_batch_size is not None:
-      raise ValueError(
-          f'virtual_batch_size={self.virtual_batch_size!r} is given with norm={self.norm!r}; '
-          "use norm='ghost' (or 'renorm') for ghost batches, or leave it None."
-      )
+    kind = options_lib.NORM_KINDS[self.norm]
+    for name, value in self.norm_options.items():
+      option = options_lib.OPTIONS.get(name)
+      if option is None or not option.layer_arg:
+        raise ValueError(f'norm_options has {name!r}; the norm layer options are {list(NORM_LAYER_OPTIONS)}.')
+      if name not in kind.options and not _is_default(value, option.default):
+        takers = ', '.join(f"norm='{k.name}'" for k in options_lib.NORM_KINDS.values() if name in k.options)
+        raise ValueError(f'{name}={value!r} is given with norm={self.norm!r}, which does not take it; '
+                         f'the norm kinds that take it: {takers}.')
+    for name, expected in kind.required.items():
+      if self.norm_options.get(name) is None:
+        raise ValueError(f"norm={self.norm!r} needs {name}: {expected}.")
     rate = self.dropout_rate
     if isinstance(rate, (int, float, np.number)) and not 0.0 <= rate < 1.0:
       raise ValueError(f'dropout_rate={rate!r} must be in [0, 1).')
     super().__post_init__()
+
+  @property
+  def virtual_batch_size(self) -> int | None:
+    """The ghost batch size of the norm layers (None: whole batches)."""
+    return self.norm_options.get('virtual_batch_size')
 
   def _values(self, hparams: Mapping | None) -> dict:
     hparams = dict(hparams or {})
     unknown = sorted(set(hparams) - set(HPARAMS))
     if unknown:
       raise ValueError(f'hparams has {unknown}; the values it may override are {list(HPARAMS)}.')
-    return {name: getattr(self, name) for name in HPARAMS} | hparams
+    return {'dropout_rate': self.dropout_rate, **self.norm_options, **hparams}
 
   def _norm_layer(self, values: dict, name: str) -> Callable[[Array, bool], Array]:
-    if self.norm == 'none':
+    kind = options_lib.NORM_KINDS[self.norm]
+    if kind.layer is None:
       return lambda x, use_running_average: x
-    options = dict(
-        momentum=values['momentum'],
-        epsilon=self.epsilon,
-        center=self.center,
-        scale=self.scale,
-        virtual_batch_size=self.virtual_batch_size,
-        axis_name=self.axis_name,
-        debias=self.debias,
-        name=name,
-    )
-    if self.norm == 'renorm':
-      return bnflax.BatchRenorm(
-          renorm_momentum=values['renorm_momentum'], rmax=values['rmax'], dmax=values['dmax'], **options
-      )
-    return bnflax.BatchNorm(**options)
+    layer_options = {
+        option: values.get(option, options_lib.OPTIONS[option].default)
+        for option in kind.options if options_lib.OPTIONS[option].layer_arg
+    }
+    if kind.cross_device:
+      layer_options['axis_name'] = self.axis_name
+    return kind.layer(layer_options, name)
 
   def _dropout(self, x: Array, train: bool, rate) -> Array:
     if not train or _is_zero(rate):
@@ -328,98 +334,49 @@ class Net(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# The registry.
-
-
-class ModelSpec(NamedTuple):
-  """A registered model.
-
-  Attributes:
-    build: `(**options) -> flax module`.
-    options: the model's default options (what `build` gets unless overridden).
-    train: the source's training hyperparameters, for the training CLI:
-      dataset, optimizer, learning_rate, batch_size, and epochs or steps.
-    description: one line.
-  """
-
-  build: Callable[..., nn.Module]
-  options: dict
-  train: dict
-  description: str
-
-
-def _mlp(widths) -> tuple:
-  return (('flatten',),) + tuple(('dense', width) for width in widths)
-
-
-def _cnn(channels, dense) -> tuple:
-  conv = tuple(step for c in channels for step in (('conv', c), ('conv', c), ('pool', 2)))
-  return conv + (('flatten',), ('dense', dense))
-
-
-_REGISTRY = {
-    'mlp_seed': ModelSpec(
-        build=Net,
-        options=dict(layers=_mlp((256, 128, 512, 64, 128, 256)), activation='relu'),
-        train=dict(dataset='mnist', optimizer='adam', learning_rate=1e-3, batch_size=500, epochs=20),
-        description='MNIST MLP of the source: Dense 256, 128, 512, 64, 128, 256, each with norm and activation.',
-    ),
-    'cnn_seed': ModelSpec(
-        build=Net,
-        options=dict(layers=_cnn((32, 64, 128), 256), activation='relu'),
-        train=dict(dataset='cifar10', optimizer='adam', learning_rate=1e-4, batch_size=32, epochs=30),
-        description='CIFAR-10 CNN of the source: 3 x (2 x Conv3x3 block, MaxPool 2) with 32, 64, 128 channels, Dense 256 block.',
-    ),
-    'mlp_bn_paper': ModelSpec(
-        build=Net,
-        # "weights initialized to small random Gaussian values": Flax's lecun_normal.
-        options=dict(layers=_mlp((100, 100, 100)), activation='sigmoid', kernel_init='lecun_normal'),
-        # Section 4.1 gives SGD, 50,000 steps of 60 examples; the learning rate
-        # is not stated: 0.1 is ours.
-        train=dict(dataset='mnist', optimizer='sgd', learning_rate=0.1, batch_size=60, steps=50_000),
-        description='Ioffe & Szegedy 2015, section 4.1: 3 Dense 100 sigmoid blocks.',
-    ),
-}
+# The registry (`bnjax.lab.architectures`) as Flax modules.
 
 
 def has_convolutions(model: nn.Module) -> bool:
   """Whether a `Net` (or any module with a `layers` tuple of steps) has convolution steps."""
-  return any(step[0] == 'conv' for step in getattr(model, 'layers', ()))
+  return architectures.has_convolutions(getattr(model, 'layers', ()))
 
 
 def names() -> tuple[str, ...]:
-  """The registered model names."""
-  return tuple(_REGISTRY)
+  """The registered model names (their old names are accepted too: `architectures.ALIASES`)."""
+  return architectures.names()
 
 
-def _spec(name: str) -> ModelSpec:
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}; the models are {", ".join(map(repr, _REGISTRY))}.')
-  return _REGISTRY[name]
+def option_names(name: str) -> tuple[str, ...]:
+  """The option names `get(name, ...)` accepts: `Net`'s fields and every norm layer option."""
+  architectures.get(name)
+  fields = tuple(f.name for f in dataclasses.fields(Net) if f.init and f.name not in ('parent', 'name', 'norm_options'))
+  return fields + NORM_LAYER_OPTIONS
 
 
 def defaults(name: str) -> dict:
   """`{'model': every option of `get(name)`, 'train': the source's training hyperparameters}`, a fresh plain dict."""
-  spec = _spec(name)
-  model = spec.build(**spec.options)
-  return copy.deepcopy({'model': {key: getattr(model, key) for key in option_names(name)}, 'train': spec.train})
-
-
-def option_names(name: str) -> tuple[str, ...]:
-  """The option names `get(name, ...)` accepts."""
-  build = _spec(name).build
-  return tuple(f.name for f in dataclasses.fields(build) if f.init and f.name not in ('parent', 'name'))
+  arch = architectures.get(name)
+  model = get(name)
+  values = {key: getattr(model, key) for key in option_names(name) if key not in NORM_LAYER_OPTIONS}
+  values.update({key: options_lib.OPTIONS[key].default for key in NORM_LAYER_OPTIONS})
+  return copy.deepcopy({'model': values, 'train': arch.train})
 
 
 def get(name: str, **overrides) -> nn.Module:
-  """The Flax module of model `name`, its default options updated with `overrides`.
+  """The Flax module of model `name` (or an old name), its default options updated with `overrides`.
+
+  Norm layer options (`NORM_LAYER_OPTIONS`: momentum, epsilon, rmax, ...)
+  may be given directly; they go to `Net.norm_options`.
 
   Raises:
     ValueError: for an unknown name, option or option value, listing the valid ones.
   """
-  spec = _spec(name)
+  arch = architectures.get(name)
   valid = option_names(name)
-  unknown = sorted(set(overrides) - set(valid))
+  unknown = sorted(set(overrides) - set(valid) - {'norm_options'})
   if unknown:
     raise ValueError(f'{name}: unknown option(s) {unknown}; the options are {list(valid)}.')
-  return spec.build(**{**spec.options, **overrides})
+  norm_options = dict(overrides.pop('norm_options', {}))
+  norm_options.update({key: overrides.pop(key) for key in NORM_LAYER_OPTIONS if key in overrides})
+  return Net(**{'layers': arch.layers, **arch.options, **overrides, 'norm_options': flax.core.FrozenDict(norm_options)})

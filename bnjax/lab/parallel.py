@@ -49,10 +49,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnjax.lab import engine
-from bnjax.lab.config import CHOICES
+from bnjax.lab.options import NORM_KINDS, OPTIONS
 
 AXIS = 'batch'
-CROSS_DEVICE_STATS = CHOICES['cross_device_stats']
+CROSS_DEVICE_STATS = OPTIONS['cross_device_stats'].choices
 # Environment variables read when the flags leave the distributed settings unset.
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'
 
@@ -156,7 +156,7 @@ def device_model(model: nn.Module, cross_device_stats: str, local_batch: int) ->
     raise ValueError(f'--cross_device_stats={cross_device_stats!r} is invalid: expected one of {CROSS_DEVICE_STATS}.')
   norm = getattr(model, 'norm', None)
   virtual = getattr(model, 'virtual_batch_size', None)
-  if norm in (None, 'none'):
+  if norm is None or not NORM_KINDS[norm].cross_device:
     return model
   if virtual is not None:
     if local_batch % virtual:
@@ -166,7 +166,8 @@ def device_model(model: nn.Module, cross_device_stats: str, local_batch: int) ->
       )
     return model.clone(axis_name=AXIS)
   if cross_device_stats == 'local':
-    return model.clone(axis_name=AXIS, norm='ghost' if norm == 'bn' else norm, virtual_batch_size=local_batch)
+    return model.clone(axis_name=AXIS, norm='ghost' if norm == 'bn' else norm,
+                       norm_options={**model.norm_options, 'virtual_batch_size': local_batch})
   return model.clone(axis_name=AXIS)
 
 

@@ -1,0 +1,253 @@
+"""The compiled programs the training loop drives: one run, or K runs vmapped as lanes of one program.
+
+A `Program` is what `bnjax.lab.loop.train` needs, whatever the run:
+
+- `single(config, dataset)`: one run, on one device or data-parallel over
+  every device (`bnjax.lab.parallel`); its metrics get a leading lane axis of
+  size 1 so that the loop treats it as a group of one lane.
+- `lanes(configs, dataset)`: K runs that differ only in values
+  (`config.vmapped_fields`: BN/renorm momentum, rmax, dmax, dropout rate,
+  learning rate, seed), their `TrainState`s stacked on a leading axis and
+  `jax.vmap(engine.make_train_steps(...))` training them in one program.
+
+How each value reaches its lane:
+- model values (`config.model_values`) go through `apply(..., hparams=...)`,
+  one number per lane;
+- the learning rate: every schedule of `build.learning_rate` is the peak times
+  a shape, so a group's optimizer is `build.optimizer` at peak 1 chained with
+  `optax.inject_hyperparams(optax.scale)`, whose `step_size` holds each lane's
+  peak (Adam's update is then bit-for-bit the single run's: the sign flip is exact);
+- the seed: each lane's `TrainState.rng` initializes, shuffles and drops out
+  exactly as the single run with that seed would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bnjax.lab import build, diagnostics, engine, parallel
+from bnjax.lab import config as config_lib
+from bnjax.lab.data import augment_cifar
+
+
+class Plan(NamedTuple):
+  """The step counts of a run: full batches per epoch, total steps, epochs (the last may be partial)."""
+
+  steps_per_epoch: int
+  total_steps: int
+  num_epochs: int
+
+  @classmethod
+  def of(cls, config, num_train: int) -> 'Plan':
+    return cls(build.steps_per_epoch(config, num_train), build.total_steps(config, num_train),
+               build.num_epochs(config, num_train))
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything the loop calls; every metric has a leading lane axis `[K]`.
+
+  Attributes:
+    configs: the K runs (one for `single`).
+    state: the current (stacked, for lanes) `TrainState`.
+    plan: the run's step counts.
+    step_loop: 'scan' or 'python' (see `bnjax.lab.engine`).
+    train_chunk: `(state, batch_indices) -> (state, Metrics[K])` for
+      indices `[K, S, B]` (lanes) or `[S, B]` (single).
+    compile_chunk: `(state, batch_indices) -> None`: compiles `train_chunk`
+      for that many steps without running it (the loop does it before timing).
+    epoch_batches: `(state, epoch) -> indices` of one epoch.
+    evaluate: `(state, split, stats) -> Metrics[K]` on 'val' or 'test' with
+      'moving' or 'batch' statistics.
+    variance_shift: `state -> pytree with leaves [K, ...]` (`bnjax.lab.diagnostics`).
+    has_moving_statistics: the norm layers keep moving statistics.
+  """
+
+  configs: Sequence[Any]
+  state: Any
+  plan: Plan
+  step_loop: str
+  train_chunk: Callable
+  compile_chunk: Callable
+  epoch_batches: Callable
+  evaluate: Callable
+  variance_shift: Callable
+  has_moving_statistics: bool
+
+  @property
+  def num_lanes(self) -> int:
+    return len(self.configs)
+
+
+def _compiled_by_length(fn: Callable, *static_args) -> Callable:
+  """`fn(state, *static_args, indices, *rest)` compiled once per number of steps (outside epoch timing)."""
+  compiled: dict[int, Callable] = {}
+
+  def compile_for(state, indices, *rest):
+    length = indices.shape[-2]
+    if length not in compiled:
+      compiled[length] = fn.lower(state, *static_args, indices, *rest).compile()
+    return compiled[length]
+
+  def run(state, indices, *rest):
+    return compile_for(state, indices, *rest)(state, *static_args, indices, *rest)
+
+  run.compile_for = compile_for
+  return run
+
+
+def _with_lane_axis(tree):
+  return jax.tree.map(lambda leaf: leaf[None], tree)
+
+
+def single(config, dataset, *, state=None) -> Program:
+  """One run: on one device, or data-parallel over `config.num_devices` devices (default: all)."""
+  num_train = dataset.train_images.shape[0]
+  plan = Plan.of(config, num_train)
+  num_devices = parallel.resolve_num_devices(config.num_devices)
+  mesh = parallel.make_mesh(num_devices) if num_devices > 1 else None
+  if mesh is not None:
+    dataset = parallel.replicate(dataset, mesh)
+  model = build.model(config)
+  optimizer = build.optimizer(config, plan.total_steps)
+  if state is None:
+    state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
+  step_loop = engine.step_loop_for(model, config.step_loop)
+  options = dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
+                 unroll=step_loop == 'python')
+  if mesh is None:
+    steps = engine.make_train_steps(model, optimizer, **options)
+  else:
+    state = parallel.replicate(state, mesh)
+    steps = parallel.make_train_steps(model, optimizer, mesh, batch_size=config.batch_size,
+                                      cross_device_stats=config.cross_device_stats, **options)
+  train = _compiled_by_length(jax.jit(steps, donate_argnums=0), dataset.train_images, dataset.train_labels)
+  moving_statistics = config_lib.has_moving_statistics(config)
+  evaluators = {'moving': jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size))}
+  evaluators['batch'] = (jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats='batch'))
+                         if moving_statistics else evaluators['moving'])
+  batches = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
+
+  def train_chunk(state, indices):
+    state, metrics = train(state, indices)
+    return state, _with_lane_axis(metrics)
+
+  def evaluate(state, split, stats):
+    images, labels = _split(dataset, split)
+    return _with_lane_axis(evaluators[stats](state, images, labels))
+
+  def variance_shift(state):
+    shift = jax.jit(functools.partial(diagnostics.variance_shift, model))(
+        {'params': state.params, 'batch_stats': state.batch_stats},
+        diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size),
+        jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM),
+    )
+    return _with_lane_axis(shift)
+
+  return Program(
+      configs=[config], state=state, plan=plan, step_loop=step_loop, train_chunk=train_chunk,
+      compile_chunk=train.compile_for,
+      epoch_batches=lambda state, epoch: batches(state, epoch, num_train, config.batch_size),
+      evaluate=evaluate, variance_shift=variance_shift, has_moving_statistics=moving_statistics,
+  )
+
+
+def _split(dataset, split: str):
+  return {'val': (dataset.val_images, dataset.val_labels), 'test': (dataset.test_images, dataset.test_labels)}[split]
+
+
+# ----------------------------------------------------------------------------
+# K runs as lanes of one program.
+
+
+def group_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """`build.optimizer` at peak learning rate 1, then a per-lane injected `scale` (the peak)."""
+  unit = build.optimizer(dataclasses.replace(config, learning_rate=1.0), total_steps)
+  return optax.chain(unit, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def init_lane_states(model, optimizer, configs: Sequence[Any], sample):
+  """K `TrainState`s stacked on a leading axis: `engine.init_train_state` per seed, each lane's peak lr."""
+  seeds = jnp.asarray([c.seed for c in configs], jnp.int32)
+  states = jax.jit(jax.vmap(lambda seed: engine.init_train_state(model, optimizer, seed, sample)))(seeds)
+  unit_state, scale_state = states.opt_state
+  peaks = jnp.asarray([c.learning_rate for c in configs], jnp.float32)
+  scale_state = scale_state._replace(hyperparams={**scale_state.hyperparams, 'step_size': peaks})
+  return states._replace(opt_state=(unit_state, scale_state))
+
+
+def lane_values(configs: Sequence[Any]) -> dict[str, Any]:
+  """`hparams` of the group: `{name: [K] float32}` for the model's call-time values."""
+  return {name: jnp.asarray([getattr(c, name) for c in configs], jnp.float32)
+          for name in config_lib.model_values(configs[0])}
+
+
+def lane_variance_shift(model, state, images, hparams):
+  """`diagnostics.variance_shift` of one run's state (the dropout key derives from its seed)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  rng = jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM)
+  return diagnostics.variance_shift(model, variables, images, rng, hparams)
+
+
+def _lane_functions(config, total_steps: int) -> dict:
+  """The jitted vmapped functions of a group; they depend only on the group key (cached)."""
+  model = build.model(config)
+  optimizer = group_optimizer(config, total_steps)
+  step_loop = engine.step_loop_for(model, config.step_loop)
+  steps = engine.make_train_steps(model, optimizer, update_stats=config.update_stats,
+                                  augment=augment_cifar if config.augment else None, unroll=step_loop == 'python')
+  vmapped = lambda fn, axes: jax.jit(jax.vmap(fn, in_axes=axes))
+  evaluate = lambda stats: vmapped(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats=stats),
+                                   (0, None, None, 0))
+  moving_statistics = config_lib.has_moving_statistics(config)
+  return dict(
+      model=model, optimizer=optimizer, step_loop=step_loop,
+      train=jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, 0)), donate_argnums=0),
+      batches=jax.jit(jax.vmap(engine.epoch_batches, in_axes=(0, None, None, None)), static_argnums=(2, 3)),
+      evaluate={'moving': evaluate('moving'), 'batch': evaluate('batch') if moving_statistics else None},
+      shift=vmapped(functools.partial(lane_variance_shift, model), (0, None, 0)),
+      moving_statistics=moving_statistics,
+  )
+
+
+def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=None) -> Program:
+  """K runs with one `config.group_key` as one vmapped program (`cache`: reuse compiled groups)."""
+  keys = {config_lib.group_key(c) for c in configs}
+  if len(keys) != 1:
+    raise ValueError(f'the runs of a group must differ only in values ({config_lib.vmapped_fields(configs[0])}); '
+                     f'they make groups {sorted(keys)}.')
+  first = configs[0]
+  num_train = dataset.train_images.shape[0]
+  plan = Plan.of(first, num_train)
+  cache = {} if cache is None else cache
+  key = (keys.pop(), plan.total_steps)
+  if key not in cache:
+    cache[key] = _lane_functions(first, plan.total_steps)
+  f = cache[key]
+  if state is None:
+    # A full batch as the init sample: ghost BN checks that its virtual batch divides the batch.
+    state = init_lane_states(f['model'], f['optimizer'], configs, dataset.train_images[: first.batch_size])
+  hparams = lane_values(configs)
+  train = _compiled_by_length(f['train'], dataset.train_images, dataset.train_labels)
+  evaluators = {stats: fn or f['evaluate']['moving'] for stats, fn in f['evaluate'].items()}
+
+  def evaluate(state, split, stats):
+    images, labels = _split(dataset, split)
+    return evaluators[stats](state, images, labels, hparams)
+
+  return Program(
+      configs=list(configs), state=state, plan=plan, step_loop=f['step_loop'],
+      train_chunk=lambda state, indices: train(state, indices, hparams),
+      compile_chunk=lambda state, indices: train.compile_for(state, indices, hparams),
+      epoch_batches=lambda state, epoch: f['batches'](state, epoch, num_train, first.batch_size),
+      evaluate=evaluate,
+      variance_shift=lambda state: f['shift'](
+          state, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams),
+      has_moving_statistics=f['moving_statistics'],
+  )

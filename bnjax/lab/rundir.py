@@ -1,0 +1,214 @@
+"""A run's folder: its identity, its outputs, its checkpoints; and the rules that keep two runs apart.
+
+    folder = rundir.open_run(config, Path('runs/x'), resume=False, overwrite=False)
+    sink = folder.epoch_sink()          # metrics.jsonl + TensorBoard, one call per epoch
+
+Files (in the folder):
+- `config.json`: the run's every setting, versions, device: also its identity;
+- `metrics.jsonl`: one line per epoch;
+- TensorBoard event files (`events.out.tfevents.*`): the same scalars per
+  epoch, and the config as text (`tensorboard --logdir` over a sweep compares
+  its lanes, one folder each);
+- `summary.json`, `curves.png`; `checkpoints/` (Orbax).
+
+The rules (a result can never be mixed with another run's):
+- a folder that holds another run is refused, unless `overwrite` (which
+  deletes that run's files first) or `resume`;
+- `resume` continues only the same run: every setting that changes results
+  must be equal, except `epochs`/`steps` extended when nothing depends on the
+  run's length (a constant learning rate); otherwise the differing flags are
+  named. `resume` with no checkpoint says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from bnjax.lab import config as config_lib
+from bnjax.lab import storage
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+CHECKPOINTS = 'checkpoints'
+# Scalars written to TensorBoard from each epoch's metrics.
+TENSORBOARD_SCALARS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'examples_per_second')
+OUTPUTS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, 'curves.png', CHECKPOINTS)
+
+
+class RunDirError(ValueError):
+  """A folder that can't take this run (holds another run, a file in the way, nothing to resume)."""
+
+
+def _stored_config(folder: Path):
+  path = folder / CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    stored = json.loads(path.read_text())['config']
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise RunDirError(f'{path} is unreadable ({error}); pass --overwrite to start a new run there, or choose '
+                      'another --workdir.') from None
+  known = {k: v for k, v in stored.items() if k in config_lib.FIELDS}
+  return config_lib.DEFAULTS.__class__(**{**config_lib.DEFAULTS.to_dict(), **known})
+
+
+def length_can_change(config) -> bool:
+  """Whether `epochs`/`steps` may change on resume: nothing else depends on the run's length."""
+  return config.lr_schedule == 'constant'
+
+
+def resume_conflicts(stored, config) -> list[str]:
+  """The flags in which `config` differs from the stored run in a way that changes its results."""
+  ignore = ('epochs', 'steps') if length_can_change(config) and length_can_change(stored) else ()
+  return config_lib.differing_fields(stored, config, ignore)
+
+
+def _clear(folder: Path) -> None:
+  for name in OUTPUTS:
+    path = folder / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+  for path in folder.glob('events.out.tfevents.*'):
+    path.unlink()
+
+
+def check_folder(folder: Path, config, *, resume: bool, overwrite: bool, flag: str = '--workdir') -> None:
+  """Raises `RunDirError` (one line) unless `folder` may take this run as asked; clears it for `overwrite`."""
+  if folder.exists() and not folder.is_dir():
+    raise RunDirError(f'{flag}={folder} is a file, not a folder: choose a folder.')
+  if resume and overwrite:
+    raise RunDirError('--resume and --overwrite exclude each other: continue the run, or replace it.')
+  stored = _stored_config(folder) if folder.is_dir() else None
+  has_checkpoint = (folder / CHECKPOINTS).is_dir() and any((folder / CHECKPOINTS).iterdir())
+  if overwrite:
+    if folder.is_dir():
+      _clear(folder)
+    return
+  if resume:
+    if stored is None or not has_checkpoint:
+      raise RunDirError(f'--resume: {flag}={folder} has no checkpoint to continue; run without --resume to start '
+                        'this run there.')
+    conflicts = resume_conflicts(stored, config)
+    if conflicts:
+      flags = ', '.join(f'--{n}={getattr(stored, n)!r} (now {getattr(config, n)!r})' for n in conflicts)
+      raise RunDirError(f'--resume: {flag}={folder} holds a run with {flags}; resume it with its settings, or '
+                        'pass --overwrite to replace it.')
+    return
+  if stored is not None or has_checkpoint:
+    what = f'run {config_lib.run_id(stored)}' if stored is not None else 'checkpoints of another run'
+    raise RunDirError(f'{flag}={folder} already holds {what}: pass --resume to continue it, --overwrite to replace '
+                      'it, or choose another folder.')
+
+
+class RunFolder:
+  """The outputs of one run (or one lane of a sweep group) in `path`; `writer=False` writes nothing."""
+
+  def __init__(self, path: Path, config, *, writer: bool = True):
+    self.path = Path(path)
+    self.config = config
+    self.writer = writer
+    self._tensorboard = None
+
+  def write_config(self, environment: dict[str, Any]) -> None:
+    if self.writer:
+      self.path.mkdir(parents=True, exist_ok=True)
+      storage.write_json_atomic(self.path / CONFIG_FILE, {'config': self.config.to_dict(), 'environment': environment,
+                                                          'run_id': config_lib.run_id(self.config)})
+
+  def start_metrics(self, history: list[dict]) -> None:
+    """Rewrites metrics.jsonl with the epochs a resumed run keeps (lines after its checkpoint are dropped)."""
+    if not self.writer:
+      return
+    storage.write_text_atomic(self.path / METRICS_FILE, ''.join(json.dumps(m) + '\n' for m in history))
+    self._open_tensorboard(len(history))
+
+  def _open_tensorboard(self, epochs_done: int) -> None:
+    from tensorboardX import SummaryWriter
+
+    # purge_step: TensorBoard drops the events an interrupted attempt wrote after the checkpoint.
+    self._tensorboard = SummaryWriter(str(self.path), purge_step=epochs_done + 1 if epochs_done else None,
+                                      flush_secs=30)
+    if not epochs_done:
+      text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+      self._tensorboard.add_text('config', f'```\n{text}\n```', 0)
+
+  def add_epoch(self, metrics: dict) -> None:
+    if not self.writer:
+      return
+    with open(self.path / METRICS_FILE, 'a') as f:
+      f.write(json.dumps(metrics) + '\n')
+    if self._tensorboard is not None:
+      for name in TENSORBOARD_SCALARS:
+        self._tensorboard.add_scalar(name, metrics[name], metrics['epoch'])
+      self._tensorboard.flush()
+
+  def history(self) -> list[dict]:
+    path = self.path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+  def write_summary(self, summary: dict) -> None:
+    if self.writer:
+      storage.write_json_atomic(self.path / SUMMARY_FILE, summary)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints (Orbax): the whole (possibly stacked) state and the histories.
+
+
+class Checkpoints:
+  """The latest checkpoints of a training state in `folder` (Orbax; the last two are kept)."""
+
+  def __init__(self, folder: Path):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.folder = Path(folder).absolute()
+    self.manager = ocp.CheckpointManager(self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+  def restore(self, state):
+    """`(epoch, state, histories)` of the latest checkpoint, or None."""
+    ocp = self._ocp
+    epoch = self.manager.latest_step()
+    if epoch is None:
+      return None
+    import jax
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = self.manager.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    return epoch, restored.state, restored.history['lanes']
+
+  def save(self, epoch: int, state, histories: list[list[dict]]) -> None:
+    """Saves and waits; a failed save (a full disk) leaves no partial checkpoint behind."""
+    ocp = self._ocp
+    try:
+      self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       history=ocp.args.JsonSave({'lanes': histories})))
+      self.manager.wait_until_finished()
+    except BaseException:
+      for partial in self.folder.glob('*.orbax-checkpoint-tmp*'):
+        shutil.rmtree(partial, ignore_errors=True)
+      raise
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def epoch_sinks(folders: list[RunFolder]) -> list[Callable[[dict], None]]:
+  return [folder.add_epoch for folder in folders]
+
+
+def remove_tree(path: Path) -> None:
+  if Path(path).exists():
+    shutil.rmtree(path, ignore_errors=True)
