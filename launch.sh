@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # bnjax launcher. Creates .venv and installs bnjax on first use (again when pyproject.toml changes).
 #
-#   ./launch.sh seed000 [flags]   the main job: MNIST MLP, plain vs BN (the source's study)
-#   ./launch.sh seed003 [flags]   the CIFAR-10 CNN study
+#   ./launch.sh mnist_plain_vs_bn [flags]   the main job: MNIST MLP, plain vs BN (the source's study; old name seed000)
+#   ./launch.sh STUDY [flags]     any named study (./launch.sh list lists them with their settings):
+#                                 cifar_cnn (seed003), the sweeps momentum | batch_size | momentum_batch_size |
+#                                 dropout | renorm, and the reproductions of docs/results.md repro_seed000 |
+#                                 repro_seed003 | repro_fig1 | repro_momentum_batch | repro_dropout | repro_renorm |
+#                                 repro_bug | repro_all (CPU budget; --budget=full for the source's)
 #   ./launch.sh train [flags]     any single experiment: experiments/train.py with your flags
-#   ./launch.sh demo              the functional API in a few lines
-#   ./launch.sh PRESET [flags]    a sweep: momentum | batch_size | momentum_batch_size | dropout | renorm
-#   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seeds=0,1 ...
+#   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seed=0,1 ...
 #   ./launch.sh report CSV        rebuild a sweep's report.md from its results.csv
-#   ./launch.sh repro_STUDY [flags]  a reproduction of docs/results.md: repro_seed000 | repro_seed003 |
-#                                 repro_fig1 | repro_momentum_batch | repro_dropout | repro_renorm | repro_bug |
-#                                 repro_all (CPU budget; --budget=full for the source's, on a GPU/TPU)
+#   ./launch.sh demo              the functional API in a few lines
 #   ./launch.sh test [args]       the test suite (pytest args pass through)
 #
 # Data: the real MNIST/CIFAR-10 files are used where they are found (--data_dir, $BNJAX_DATA_DIR,
@@ -48,25 +48,13 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" -m pytest -n 2 "$@"
     ;;
-  seed000|seed003)
-    ensure_venv
-    exec "$VENV/bin/python" experiments/train.py --preset="$job" $(data_flags "$@") "$@"
-    ;;
   train)
     ensure_venv
     exec "$VENV/bin/python" experiments/train.py $(data_flags "$@") "$@"
     ;;
-  momentum|batch_size|momentum_batch_size|dropout|renorm)
-    ensure_venv
-    exec "$VENV/bin/python" experiments/sweep.py --preset="$job" $(data_flags "$@") "$@"
-    ;;
   sweep)
     ensure_venv
     exec "$VENV/bin/python" experiments/sweep.py $(data_flags "$@") "$@"
-    ;;
-  repro_seed000|repro_seed003|repro_fig1|repro_momentum_batch|repro_dropout|repro_renorm|repro_bug|repro_all)
-    ensure_venv
-    exec "$VENV/bin/python" experiments/repro.py --study="${job#repro_}" $(data_flags "$@") "$@"
     ;;
   report)
     ensure_venv
@@ -76,8 +64,20 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" experiments/demo.py "$@"
     ;;
-  *)
+  list)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/study.py --list
+    ;;
+  repro_all)
+    ensure_venv
+    exec "$VENV/bin/python" experiments/study.py --study=all $(data_flags "$@") "$@"
+    ;;
+  help|-h|--help)
     sed -n '2,18p' "$0"
-    exit 2
+    ;;
+  *)
+    # A named study (or an old name: seed000, seed003, ...); experiments/study.py says if there is none.
+    ensure_venv
+    exec "$VENV/bin/python" experiments/study.py --study="$job" $(data_flags "$@") "$@"
     ;;
 esac

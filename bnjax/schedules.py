@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import jax.numpy as jnp
-import optax
 
 Array = jnp.ndarray
 Schedule = Callable[[Array], Array]
@@ -113,16 +112,21 @@ def renorm_clipping_warmup(
     raise ValueError(f'renorm_clipping_warmup: rmax={rmax!r} must be >= 1.')
   if dmax < 0.0:
     raise ValueError(f'renorm_clipping_warmup: dmax={dmax!r} must be >= 0.')
-  rmax_schedule = optax.linear_schedule(
-      init_value=1.0,
-      end_value=rmax,
-      transition_steps=rmax_end_step - warmup_steps,
-      transition_begin=warmup_steps,
-  )
-  dmax_schedule = optax.linear_schedule(
-      init_value=0.0,
-      end_value=dmax,
-      transition_steps=dmax_end_step - warmup_steps,
-      transition_begin=warmup_steps,
-  )
+  rmax_schedule = linear_ramp(1.0, rmax, begin=warmup_steps, end=rmax_end_step)
+  dmax_schedule = linear_ramp(0.0, dmax, begin=warmup_steps, end=dmax_end_step)
   return rmax_schedule, dmax_schedule
+
+
+def linear_ramp(start_value: float, end_value: float, *, begin: int, end: int) -> Schedule:
+  """`start_value` until step `begin`, then linear to `end_value` at step `end` (> begin), then constant.
+
+  The same arithmetic as `optax.linear_schedule` (so the numbers of runs made
+  with it stay), without importing optax into the core.
+  """
+  steps = end - begin
+
+  def schedule(step):
+    done = jnp.clip(jnp.asarray(step) - begin, 0, steps)
+    return (start_value - end_value) * (1 - done / steps) + end_value
+
+  return schedule

@@ -5,14 +5,10 @@ r"""Rebuild a sweep's report.md and plots from its results.csv.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bnjax import report  # noqa: E402
+from bnjax.lab import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out_dir', None, 'Where report.md and the PNGs go (default: beside results.csv).')

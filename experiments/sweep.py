@@ -1,14 +1,15 @@
 r"""Sweep BN hyperparameters: a grid of runs, trained K at a time as one vmapped program.
 
-    python experiments/sweep.py --preset=momentum                        # a study (bnjax.lab.sweep.PRESETS)
+    python experiments/sweep.py --preset=momentum                        # a grid study (bnjax.lab.studies)
     python experiments/sweep.py --preset=momentum --epochs=20 --dry_run  # list runs and groups, no training
     python experiments/sweep.py --momentum=0.6,0.9,0.99 --batch_size=32,128,500 \
-        --dropout_placement=none,before_norm,end --dropout_rate=0.5 --norm=bn,renorm --seeds=0,1,2
+        --dropout_placement=none,before_norm,end --dropout_rate=0.5 --norm=bn,renorm --seed=0,1,2
 
-Every field of `bnjax.lab.config.TrainConfig` is a flag taking comma-separated
-values; one value sets it for every run, several make an axis of the grid.
-Re-running the same command in the same --sweep_dir skips finished runs.
-Outputs: <sweep_dir>/runs/<run_id>.json, results.csv, report.md and PNGs.
+Every option of the table (`bnjax.lab.options`) is a flag taking
+comma-separated values; one value sets it for every run, several make an axis
+of the grid. Re-running the same command in the same --sweep_dir skips
+finished runs. Outputs: <sweep_dir>/runs/<run_id>.json and runs/<run_id>/
+(metrics.jsonl, TensorBoard), results.csv, report.md and PNGs.
 """
 
 from __future__ import annotations
@@ -19,46 +20,48 @@ from pathlib import Path
 
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from bnjax import config as config_lib  # noqa: E402
-from bnjax import sweep  # noqa: E402
+from bnjax.lab import cli, studies, sweep
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('preset', None, 'A study: ' + '; '.join(f'{k}: {v["description"]}' for k, v in sweep.PRESETS.items()))
+flags.DEFINE_string('preset', None, 'A grid study: ' + '; '.join(
+    f'{s.name}: {s.description}' for s in studies.STUDIES.values() if s.sweep))
 flags.DEFINE_string('sweep_dir', None, 'Output folder (default: runs/sweeps/<preset or grid>). Re-use it to resume.')
 flags.DEFINE_string('seeds', None, 'Comma-separated seeds (same as --seed).')
 flags.DEFINE_bool('dry_run', False, 'List the runs and their grouping, train nothing.')
 flags.DEFINE_integer('max_group_size', None, 'At most this many runs per vmapped program (memory).')
 flags.DEFINE_bool('report', True, 'Write report.md and its plots at the end.')
 flags.DEFINE_integer('interrupt_after_groups', None, 'Fault injection: exit with status 3 after this many groups.')
-for _name in config_lib.FIELDS:
-  flags.DEFINE_string(_name, None, f'Comma-separated values of TrainConfig.{_name}.')
+cli.define_option_flags(lists=True)
 
 
 def grid_flags() -> dict[str, list]:
-  """`{field: [values]}` of the TrainConfig flags given."""
-  values = {name: sweep.parse_values(name, FLAGS[name].value) for name in config_lib.FIELDS if FLAGS[name].present}
+  """`{field: [values]}` of the option flags given."""
+  values = cli.given_options(lists=True)
   if FLAGS.seeds is not None:
-    values['seed'] = sweep.parse_values('seed', FLAGS.seeds)
+    values['seed'] = studies.config_lib.parse_values('seed', FLAGS.seeds)
   return values
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    given = grid_flags()
-    if FLAGS.preset:
-      base, grid, finalize = sweep.preset_grid(FLAGS.preset, given)
-    else:
-      base = config_lib.TrainConfig(**{k: v[0] for k, v in given.items() if len(v) == 1})
-      grid, finalize = {k: v for k, v in given.items() if len(v) > 1}, None
-    configs, notes = sweep.expand_grid(base, grid, finalize)
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
+    raise ValueError(f'unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull).')
+  if FLAGS.max_group_size is not None and FLAGS.max_group_size < 1:
+    raise ValueError(f'--max_group_size={FLAGS.max_group_size} is invalid: expected a positive integer (or unset '
+                     'for no cap).')
+  given = grid_flags()
+  finalize = None
+  if FLAGS.preset:
+    study = studies.get(FLAGS.preset)
+    if not study.sweep:
+      raise ValueError(f'--preset={FLAGS.preset!r} is invalid: expected one of {", ".join(studies.GRID_STUDIES)}.')
+    settings = studies.settings_for(FLAGS.preset, 'cpu', {k: v if len(v) > 1 else v[0] for k, v in given.items()})
+    finalize = study.finalize
+    given = {k: v if isinstance(v, list) else [v] for k, v in settings.items()}
+  base = studies.config_lib.make({k: v[0] for k, v in given.items() if len(v) == 1})
+  grid = {k: v for k, v in given.items() if len(v) > 1}
+  configs, notes = sweep.expand_grid(base, grid, finalize)
   if not configs:
-    raise app.UsageError('no valid run in the grid:\n' + '\n'.join(notes))
+    raise ValueError('no valid run in the grid: ' + ' | '.join(notes))
   groups = sweep.group_runs(configs, FLAGS.max_group_size)
   sweep_dir = Path(FLAGS.sweep_dir or Path('runs') / 'sweeps' / (FLAGS.preset or 'grid'))
   command = ' '.join(shlex.quote(a) for a in ['python', 'experiments/sweep.py'] + sys.argv[1:])
@@ -82,4 +85,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(cli.one_line_errors(main))

@@ -52,37 +52,25 @@ def test_defaults_and_valid_combinations_pass():
   C.validate(C.TrainConfig(dataset='cifar10', model='cnn_seed', augment=True, validation='0.3'))
 
 
-def test_preset_seed000_has_a_plain_and_a_bn_variant():
-  configs = C.resolve('seed000')
-  assert list(configs) == ['plain', 'bn']
-  assert configs['plain'].norm == 'none' and configs['bn'].norm == 'bn'
-  for config in configs.values():
-    assert (config.dataset, config.model, config.optimizer, config.epochs, config.batch_size, config.validation) == (
-        'mnist', 'mlp_seed', 'adam', 20, 500, 'test')
+def test_preset_studies_are_the_source_studies():
+  from bnjax.lab import studies
+
+  plain_vs_bn = studies.get('seed000')
+  assert plain_vs_bn.name == 'mnist_plain_vs_bn'
+  assert studies.PRESET_VARIANTS['mnist_plain_vs_bn'] == {'plain': dict(norm='none'), 'bn': dict(norm='bn')}
+  settings = studies.settings_for('seed000', 'cpu')
+  assert (settings['dataset'], settings['model'], settings['optimizer'], settings['epochs'], settings['batch_size'],
+          settings['validation']) == ('mnist', 'mnist_mlp', 'adam', 20, 500, 'test')
+  cifar = studies.settings_for('seed003', 'full')
+  assert (cifar['model'], cifar['learning_rate'], cifar['batch_size'], cifar['epochs']) == ('cifar_cnn', 1e-4, 32, 30)
+  assert (cifar['validation'], cifar['validation_seed'], cifar['scaling']) == ('0.3', 777, 'standardize')
+  assert studies.settings_for('seed000', 'cpu', {'epochs': '1', 'batch_size': '100'})['epochs'] == 1
 
 
-def test_preset_seed003_is_the_cifar_study():
-  (config,) = C.resolve('seed003').values()
-  assert (config.model, config.learning_rate, config.batch_size, config.epochs) == ('cnn_seed', 1e-4, 32, 30)
-  assert (config.validation, config.validation_seed, config.scaling) == ('0.3', 777, 'standardize')
+def test_unknown_study_and_setting():
+  from bnjax.lab import studies
 
-
-def test_flags_override_the_preset():
-  configs = C.resolve('seed000', {'epochs': 1, 'batch_size': 100})
-  assert all(c.epochs == 1 and c.batch_size == 100 for c in configs.values())
-  configs = C.resolve('seed000', {'norm': 'renorm'})
-  assert all(c.norm == 'renorm' for c in configs.values())
-
-
-def test_unknown_preset_and_setting():
-  with pytest.raises(ValueError, match='--preset=.nope.'):
-    C.resolve('nope')
+  with pytest.raises(ValueError, match="--study='nope'"):
+    studies.get('nope')
   with pytest.raises(ValueError, match='unknown settings'):
-    C.resolve(None, {'momentum_typo': 0.9})
-
-
-def test_every_field_is_a_documented_flag():
-  from conftest import REPO
-  source = (REPO / 'experiments' / 'train.py').read_text()
-  for field in dataclasses.fields(C.TrainConfig):
-    assert f"'{field.name}':" in source, f'experiments/train.py has no help text for {field.name}'
+    C.make({'momentum_typo': 0.9})

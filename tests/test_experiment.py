@@ -12,13 +12,6 @@ QUIET = dict(progress=False, log=lambda message: None)
 METRIC_KEYS = ('epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('data')
-  write_learnable_mnist(folder)
-  return folder
-
-
 def _config(data_dir, workdir, **settings):
   base = dict(data_dir=str(data_dir), data_source='files', batch_size=50, epochs=2, workdir=str(workdir), progress_updates=2)
   return C.validate(C.TrainConfig(**{**base, **settings}))

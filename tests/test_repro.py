@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from bnjax.lab import repro
+from bnjax.lab import repro, studies
 from conftest import REPO
 from fixtures import learnable_digits, write_cifar_folder, write_learnable_mnist
 
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def _run(name, tmp_path, data_dir, **overrides):
-  results = repro.run_study(name, tmp_path, overrides=overrides, data_dir=data_dir, command='test', log=QUIET)
+  results = studies.run_study(name, tmp_path, overrides=overrides, data_dir=data_dir, command='test', log=QUIET)
   out = tmp_path / name
   assert json.loads((out / 'results.json').read_text())['settings'] == results['settings']
   assert results['table'] in (out / 'table.md').read_text()
@@ -41,7 +41,7 @@ def _run(name, tmp_path, data_dir, **overrides):
 
 
 def test_seed000_momentum_changes_moving_but_not_batch_statistics(tmp_path, data_dir):
-  results, out = _run('seed000', tmp_path, data_dir, epochs=2, seeds=[0])
+  results, out = _run('repro_seed000', tmp_path, data_dir, epochs=2, seeds=[0])
   runs = results['results']
   assert list(runs) == ['plain', 'bn (momentum 0.99)', 'bn (momentum 0.9)', 'bn (momentum 0.6)']
   # Training normalizes with batch statistics: the momentum only changes the moving averages.
@@ -55,7 +55,7 @@ def test_seed000_momentum_changes_moving_but_not_batch_statistics(tmp_path, data
 
 
 def test_bug_study_discarded_updates_leave_training_unchanged(tmp_path, data_dir):
-  results, _ = _run('bug', tmp_path, data_dir, epochs=2, seeds=[0])
+  results, _ = _run('repro_bug', tmp_path, data_dir, epochs=2, seeds=[0])
   runs = results['results']
   usual, bug = runs['BN before ReLU (the usual order)'], runs[list(runs)[1]]
   assert 'update_stats=false' in list(runs)[1]
@@ -65,7 +65,7 @@ def test_bug_study_discarded_updates_leave_training_unchanged(tmp_path, data_dir
 
 
 def test_renorm_study_uses_the_papers_clipping_schedule_over_ghost_batches(tmp_path, data_dir):
-  results, out = _run('renorm', tmp_path, data_dir, epochs=2, seeds=[0], ghost_sizes=[2, 10], batch_size=50)
+  results, out = _run('repro_renorm', tmp_path, data_dir, epochs=2, seeds=[0], ghost_sizes=[2, 10], batch_size=50)
   configs = [r['config'] for r in results['results']]
   renorm = [c for c in configs if c['norm'] == 'renorm']
   assert {c['virtual_batch_size'] for c in renorm} == {2, 10}
@@ -76,7 +76,7 @@ def test_renorm_study_uses_the_papers_clipping_schedule_over_ghost_batches(tmp_p
 
 
 def test_momentum_batch_study_writes_both_heatmaps(tmp_path, data_dir):
-  results, out = _run('momentum_batch', tmp_path, data_dir, epochs=1, seeds=[0], momenta=[0.6, 0.99],
+  results, out = _run('repro_momentum_batch', tmp_path, data_dir, epochs=1, seeds=[0], momenta=[0.6, 0.99],
                       batch_sizes=[50, 250])
   rows = results['results']['rows']
   assert len(rows) == 2 * 3  # batch sizes x (two momenta + inverse decay)
@@ -87,7 +87,7 @@ def test_momentum_batch_study_writes_both_heatmaps(tmp_path, data_dir):
 
 
 def test_dropout_study_measures_the_variance_shift_on_both_models(tmp_path, data_dir):
-  results, out = _run('dropout', tmp_path, data_dir, mlp_epochs=1, seeds=[0], rates=[0.5], cnn_epochs=1,
+  results, out = _run('repro_dropout', tmp_path, data_dir, mlp_epochs=1, seeds=[0], rates=[0.5], cnn_epochs=1,
                       placements=['before_norm', 'end'])
   mlp = results['results']['mlp_seed (MNIST)']
   find = lambda runs, norm, placement: next(r for r in runs if r['config']['norm'] == norm
@@ -107,7 +107,7 @@ def test_dropout_study_measures_the_variance_shift_on_both_models(tmp_path, data
 
 
 def test_fig1_tracks_accuracy_and_percentiles_from_step_zero(tmp_path, data_dir):
-  results, out = _run('fig1', tmp_path, data_dir, steps=60, every=20)
+  results, out = _run('repro_fig1', tmp_path, data_dir, steps=60, every=20)
   for norm in ('none', 'bn'):
     track = results['results']['tracks'][norm]
     assert track['step'] == [0, 20, 40, 60]
@@ -119,33 +119,33 @@ def test_fig1_tracks_accuracy_and_percentiles_from_step_zero(tmp_path, data_dir)
   np.testing.assert_allclose(none['percentiles'], none['percentiles_batch_stats'], rtol=1e-5, atol=1e-6)
   # Re-running reuses the tracks already measured with the same config.
   stamp = (out / 'track_bn.json').stat().st_mtime_ns
-  repro.run_study('fig1', tmp_path, overrides=dict(steps=60, every=20), data_dir=data_dir, log=QUIET)
+  studies.run_study('repro_fig1', tmp_path, overrides=dict(steps=60, every=20), data_dir=data_dir, log=QUIET)
   assert (out / 'track_bn.json').stat().st_mtime_ns == stamp
 
 
 def test_seed003_compares_with_the_source_log_and_resumes(tmp_path, data_dir):
-  results, out = _run('seed003', tmp_path, data_dir, epochs=1)
+  results, out = _run('repro_seed003', tmp_path, data_dir, epochs=1)
   assert [m['epoch'] for m in results['results']['history']] == [1]
   assert '0.5887' in results['table'] and '(not run)' in results['table']
-  results, _ = _run('seed003', tmp_path, data_dir, epochs=2)  # continues from epoch 1's checkpoint
+  results, _ = _run('repro_seed003', tmp_path, data_dir, epochs=2)  # continues from epoch 1's checkpoint
   assert [m['epoch'] for m in results['results']['history']] == [1, 2]
   assert (out / 'seed003_curves.png').exists()
 
 
 def test_settings_reject_unknown_names_and_budgets():
-  assert repro.settings_for('seed003', 'full')['epochs'] == 30
-  assert repro.settings_for('seed000', 'cpu', {'epochs': 3})['epochs'] == 3
-  with pytest.raises(ValueError, match="no setting \\['epoch'\\]"):
-    repro.settings_for('seed000', 'cpu', {'epoch': 3})
+  assert studies.settings_for('repro_seed003', 'full')['epochs'] == 30
+  assert studies.settings_for('repro_seed000', 'cpu', {'epochs': 3})['epochs'] == 3
+  with pytest.raises(ValueError, match='no setting --epoch'):
+    studies.settings_for('repro_seed000', 'cpu', {'epoch': 3})
   with pytest.raises(ValueError, match='--budget'):
-    repro.settings_for('seed000', 'gpu')
+    studies.settings_for('repro_seed000', 'gpu')
   with pytest.raises(ValueError, match='--study'):
-    repro.settings_for('fig2', 'cpu')
+    studies.settings_for('repro_fig2', 'cpu')
 
 
 def test_every_study_has_both_budgets_with_the_same_settings():
-  for study in repro.STUDIES.values():
-    assert set(study.budgets) == set(repro.BUDGETS)
+  for study in studies.STUDIES.values():
+    assert set(study.budgets) == set(studies.BUDGETS)
     assert set(study.budgets['cpu']) == set(study.budgets['full'])
 
 
@@ -156,15 +156,15 @@ def _cli(*args):
 
 def test_cli_rejects_bad_settings_before_any_work(tmp_path):
   result = _cli('--study=seed000', '--set=epoch=3', f'--out={tmp_path}')
-  assert result.returncode != 0 and "no setting ['epoch']" in result.stderr
-  result = _cli('--study=all', '--set=epochs=3', f'--out={tmp_path}')
-  assert result.returncode != 0 and '--set applies to one study' in result.stderr
+  assert result.returncode == 2 and 'no setting --epoch' in result.stderr
+  result = _cli('--study=all', '--epochs=3', f'--out={tmp_path}')
+  assert result.returncode == 2 and 'settings apply to one study' in result.stderr
   assert not any(tmp_path.iterdir())
 
 
 def test_cli_runs_a_study(tmp_path, data_dir):
-  result = _cli('--study=fig1', '--set=steps=20', '--set=every=10', f'--out={tmp_path}', f'--data_dir={data_dir}')
+  result = _cli('--study=fig1', '--steps=20', '--every=10', f'--out={tmp_path}', f'--data_dir={data_dir}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert '| step | test accuracy without BN |' in result.stdout
-  saved = json.loads((tmp_path / 'fig1' / 'results.json').read_text())
+  saved = json.loads((tmp_path / 'repro_fig1' / 'results.json').read_text())
   assert saved['settings']['steps'] == 20 and 'experiments/repro.py' in saved['command']

@@ -18,13 +18,6 @@ from conftest import REPO
 from fixtures import write_learnable_mnist
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('data')
-  write_learnable_mnist(folder)
-  return str(folder)
-
-
 def tiny(data_dir, **overrides) -> TrainConfig:
   return TrainConfig(**{**dict(data_dir=data_dir, data_source='files', batch_size=100, epochs=1, progress_updates=1,
                                 checkpoint_every=0), **overrides})
@@ -93,9 +86,9 @@ def test_conv_groups_train_one_run_at_a_time_on_cpu_only():
 
 def test_renorm_clipping_schedule_is_structure():
   constant = TrainConfig(norm='renorm', rmax=2.0)
-  assert sweep.model_hparams(constant) == ('momentum', 'renorm_momentum', 'rmax', 'dmax')
+  assert C.model_values(constant) == ('momentum', 'renorm_momentum', 'rmax', 'dmax')
   warmup = dataclasses.replace(constant, renorm_clipping='warmup')
-  assert 'rmax' not in sweep.model_hparams(warmup)
+  assert 'rmax' not in C.model_values(warmup)
   assert sweep.group_key(warmup) != sweep.group_key(dataclasses.replace(warmup, rmax=3.0))
   assert sweep.group_key(constant) == sweep.group_key(dataclasses.replace(constant, rmax=3.0))
 

@@ -18,13 +18,6 @@ def train(*flags, timeout=600):
   return subprocess.run(TRAIN + list(flags), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('data')
-  write_learnable_mnist(folder)
-  return folder
-
-
 def test_a_cli_run_produces_every_output(data_dir, tmp_path):
   result = train(f'--data_dir={data_dir}', '--data_source=files', '--epochs=2', '--batch_size=100',
                  f'--workdir={tmp_path}', '--norm=bn', '--momentum=0.9')

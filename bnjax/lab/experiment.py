@@ -48,8 +48,9 @@ def environment() -> dict[str, Any]:
   }
 
 
-def _check_before_loading(config, workdir: Path | None, resume: bool | str, overwrite: bool) -> bool:
+def check_workdir(config, *, resume: bool | str = False, overwrite: bool = False) -> bool:
   """Fails before any data loads: devices, and a workdir that can't take the run. Returns whether to resume."""
+  workdir = Path(config.workdir) if config.workdir else None
   num_devices = parallel.resolve_num_devices(config.num_devices)
   if num_devices > 1:
     parallel.per_device_batch(config.batch_size, num_devices)
@@ -59,6 +60,11 @@ def _check_before_loading(config, workdir: Path | None, resume: bool | str, over
     resume = (workdir / rundir.CHECKPOINTS).is_dir() and any((workdir / rundir.CHECKPOINTS).iterdir())
   rundir.check_folder(workdir, config, resume=bool(resume), overwrite=overwrite)
   return bool(resume)
+
+
+def read_history(config) -> list[dict]:
+  """The epochs' metrics a run wrote in its workdir."""
+  return rundir.RunFolder(Path(config.workdir), config).history()
 
 
 def _restore(program, checkpoints, folder, log) -> tuple[int, list]:
@@ -97,7 +103,7 @@ def run(
   """
   start = time.perf_counter()
   workdir = Path(config.workdir) if config.workdir else None
-  resume = _check_before_loading(config, workdir, resume, overwrite)
+  resume = check_workdir(config, resume=resume, overwrite=overwrite)
   writer = parallel.is_main_process()
   folder = rundir.RunFolder(workdir, config, writer=writer and workdir is not None)
   if dataset is None:

@@ -98,6 +98,7 @@ KERNEL_INITS = {
     'glorot_uniform': nn.initializers.glorot_uniform(),  # Keras's default
     'lecun_normal': nn.initializers.lecun_normal(),  # Flax's default
 }
+NORMS = tuple(options_lib.NORM_KINDS)  # the norm kinds of the table (at import; `register_norm_kind` adds more)
 # Values that `apply(..., hparams=...)` may override (and `jax.vmap` batch over): the option table's model values.
 HPARAMS = tuple(name for name, option in options_lib.OPTIONS.items() if option.model_value)
 # Options of the norm layers (`Net.norm_options`), each taken by the norm kinds that name it.

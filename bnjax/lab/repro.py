@@ -31,30 +31,30 @@ from bnjax.lab import sweep as sweep_lib
 from bnjax.lab.config import TrainConfig
 from bnjax.lab.report import markdown_table
 
-BUDGETS = ('cpu', 'full')
-
 # The source's numbers, quoted in the tables and plots.
 SEED000_KERAS = {'plain': (0.9793, 0.0007), 'bn': (0.9782, 0.0018)}  # test accuracy, 3 runs, on this data
 SEED003_SOURCE_LOG = {1: 0.5887, 2: 0.6417, 3: 0.6533, 4: 0.6819, 8: 0.6963, 30: 0.6756}  # val accuracy by epoch
 SEED003_KERAS_HERE = {1: 0.5819}  # the source's Keras code on this data, here
 
-_MNIST = dict(dataset='mnist', model='mlp_seed', optimizer='adam', learning_rate=1e-3, validation='test',
+_MNIST = dict(dataset='mnist', model='mnist_mlp', optimizer='adam', learning_rate=1e-3, validation='test',
               scaling='unit')
-_CIFAR = dict(config_lib.PRESETS['seed003']['overrides'])
-
-
-@dataclasses.dataclass(frozen=True)
-class Study:
-  """A reproduction: `run(out_dir, settings, data_dir, log) -> results` and its settings per budget."""
-
-  name: str
-  description: str
-  run: Callable[..., dict]
-  budgets: Mapping[str, Mapping[str, Any]]
+# The source's CIFAR-10 study (seed003).
+CIFAR = dict(dataset='cifar10', model='cifar_cnn', norm='bn', optimizer='adam', learning_rate=1e-4, epochs=30,
+             batch_size=32, validation='0.3', validation_seed=777, scaling='standardize')
+_CIFAR = CIFAR
 
 
 # ----------------------------------------------------------------------------
 # Small helpers.
+
+
+def renorm_warmup_scaled(config: TrainConfig) -> TrainConfig:
+  """The Batch Renorm paper's clipping schedule (plain BN for 5k steps, rmax at 40k, dmax at 25k of
+  its 40k+), scaled to this run's length: 1/8, 1 and 5/8 of the run."""
+  if config.norm != 'renorm' or config.steps is None:
+    return config
+  return dataclasses.replace(config, renorm_clipping='warmup', renorm_warmup_steps=config.steps // 8,
+                             rmax_end_step=config.steps, dmax_end_step=config.steps * 5 // 8)
 
 
 def cell(values: Sequence[float | None], digits: int = 4) -> str:
@@ -159,7 +159,7 @@ def study_seed003(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 
   config = config_lib.validate(TrainConfig(**{**_CIFAR, 'epochs': settings['epochs'], 'seed': settings['seed'],
                                               'data_dir': data_dir, 'workdir': str(out / 'run')}))
-  summary = experiment.run(config, resume=True, progress=False, log=log)
+  summary = experiment.run(config, resume='auto', progress=False, log=log)
   history = [json.loads(line) for line in (out / 'run' / 'metrics.jsonl').read_text().splitlines()][: config.epochs]
   ours = {m['epoch']: m['val_accuracy'] for m in history}
   epochs = sorted(set(SEED003_SOURCE_LOG) | {1, 2, 3, 4, 8} | {max(ours)})
@@ -470,7 +470,7 @@ def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dic
 
   batch = settings['batch_size']
   base = TrainConfig(**_MNIST, batch_size=batch, data_dir=data_dir)
-  # In steps, so that renorm's clipping warm-up can be scaled to the run (sweep.renorm_warmup_scaled).
+  # In steps, so that renorm's clipping warm-up can be scaled to the run (renorm_warmup_scaled).
   steps = settings['epochs'] * build.steps_per_epoch(base, build.dataset(base).train_images.shape[0])
   base = dataclasses.replace(base, steps=steps)
   configs = []
@@ -480,7 +480,7 @@ def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dic
       norm_kind = 'bn' if ghost == batch else 'ghost'
       configs.append(dataclasses.replace(base, norm=norm_kind, seed=seed,
                                          virtual_batch_size=None if ghost == batch else ghost))
-      configs.append(sweep_lib.renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', seed=seed,
+      configs.append(renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', seed=seed,
                                                                          virtual_batch_size=ghost)))
   configs = [config_lib.validate(c) for c in configs]
   records = _sweep(configs, out / 'sweep', log)
@@ -548,75 +548,3 @@ def study_bug(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   table = markdown_table(['model (MNIST MLP, batch 500)', 'test acc, moving statistics (inference)',
                           'test acc, batch statistics'], rows)
   return {'table': table, 'results': results}
-
-
-# ----------------------------------------------------------------------------
-# The registry and the driver.
-
-STUDIES: dict[str, Study] = {study.name: study for study in (
-    Study('seed000', 'MNIST MLP, plain vs BN (20 epochs, batch 500, Adam, 3 seeds), and BN momentum 0.9 / 0.6.',
-          study_seed000,
-          {'cpu': dict(epochs=20, seeds=[0, 1, 2], momenta=[0.99, 0.9, 0.6]),
-           'full': dict(epochs=20, seeds=[0, 1, 2], momenta=[0.99, 0.9, 0.6])}),
-    Study('seed003', 'CIFAR-10 CNN with BN (Adam 1e-4, batch 32, 30% held out): validation accuracy per epoch.',
-          study_seed003,
-          {'cpu': dict(epochs=10, seed=0), 'full': dict(epochs=30, seed=0)}),
-    Study('fig1', 'Ioffe & Szegedy 2015, Figure 1: 3 x 100 sigmoid MLP, batch 60, with and without BN.',
-          study_fig1,
-          {'cpu': dict(steps=50_000, every=500, batch_size=60, learning_rate=0.1, seed=0),
-           'full': dict(steps=50_000, every=250, batch_size=60, learning_rate=0.1, seed=0)}),
-    Study('momentum_batch', 'BN momentum (0.6..0.99, inverse decay) x batch size (32..5000), MNIST MLP.',
-          study_momentum_batch,
-          {'cpu': dict(epochs=3, seeds=[0, 1], momenta=[0.6, 0.75, 0.85, 0.9, 0.99], batch_sizes=[32, 128, 500, 5000]),
-           'full': dict(epochs=20, seeds=[0, 1, 2], momenta=[0.6, 0.75, 0.85, 0.9, 0.99],
-                        batch_sizes=[32, 128, 500, 5000])}),
-    Study('dropout', 'Dropout placement (none, before_norm, after_norm, end) x rate 0.2 / 0.5: accuracy and '
-          'variance shift, MNIST MLP and CIFAR-10 CNN.',
-          study_dropout,
-          {'cpu': dict(placements=list(PLACEMENTS), rates=[0.2, 0.5], mlp_epochs=10, seeds=[0, 1, 2], cnn_epochs=2,
-                       cnn_seeds=[0]),
-           'full': dict(placements=list(PLACEMENTS), rates=[0.2, 0.5], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=30,
-                        cnn_seeds=[0, 1, 2])}),
-    Study('renorm', 'Batch renorm vs BN vs no norm with BN over ghost batches of 2, 4, 8, 32 (MNIST MLP).',
-          study_renorm,
-          {'cpu': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], epochs=5, seeds=[0, 1, 2]),
-           'full': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], epochs=20, seeds=[0, 1, 2])}),
-    Study('bug', 'The moving-statistics bug and center/scale off after the nonlinearity (MNIST MLP).',
-          study_bug,
-          {'cpu': dict(epochs=20, seeds=[0, 1, 2]), 'full': dict(epochs=20, seeds=[0, 1, 2])}),
-)}
-
-
-def settings_for(name: str, budget: str, overrides: Mapping[str, Any] | None = None) -> dict:
-  """A study's settings at `budget`, with `overrides` (only names the study has)."""
-  if name not in STUDIES:
-    raise ValueError(f'--study={name!r} is invalid: expected one of {", ".join(STUDIES)}.')
-  if budget not in BUDGETS:
-    raise ValueError(f'--budget={budget!r} is invalid: expected one of {", ".join(BUDGETS)}.')
-  settings = dict(STUDIES[name].budgets[budget])
-  unknown = sorted(set(overrides or {}) - set(settings))
-  if unknown:
-    raise ValueError(f'study {name} has no setting {unknown}; its settings are {sorted(settings)}.')
-  return {**settings, **(overrides or {})}
-
-
-def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides: Mapping[str, Any] | None = None,
-              data_dir: str | None = None, command: str = '', log: Callable[[str], None] = print) -> dict:
-  """Runs study `name` into `out_dir/name/`; returns (and writes) its results.json."""
-  from bnjax.lab.experiment import environment, write_json
-
-  settings = settings_for(name, budget, overrides)
-  out = Path(out_dir) / name
-  out.mkdir(parents=True, exist_ok=True)
-  start = time.perf_counter()
-  produced = STUDIES[name].run(out, settings, data_dir, log)
-  seconds = time.perf_counter() - start
-  results = {'study': name, 'description': STUDIES[name].description, 'budget': budget, 'settings': settings,
-             'command': command, 'wall_seconds': seconds, 'environment': environment(),
-             'results': produced['results'], 'table': produced['table']}
-  write_json(out / 'results.json', results)
-  (out / 'table.md').write_text(f'{STUDIES[name].description}\n\n{produced["table"]}\n\n'
-                                f'Command: `{command}`; budget {budget}: {json.dumps(settings)}; '
-                                f'wall time {seconds / 60:.1f} min.\n')
-  log(f'{name}: {out / "table.md"} ({seconds / 60:.1f} min)')
-  return results

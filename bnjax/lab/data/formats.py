@@ -65,6 +65,11 @@ def _read_bytes(path: Path) -> bytes:
   """The file's bytes, gunzipped when its name ends in `.gz`."""
   try:
     data = path.read_bytes()
+  except PermissionError as err:
+    raise DataError(f'{path}: permission denied: make the file readable (chmod a+r) or use another --data_dir.') from err
+  except OSError as err:
+    raise DataError(f'{path}: cannot read it ({type(err).__name__}: {err}).') from err
+  try:
     return gzip.decompress(data) if path.suffix == '.gz' else data
   except (OSError, EOFError, zlib.error) as err:
     raise DataError(f'{path}: cannot read it ({type(err).__name__}: {err}). The file is truncated '

@@ -1,0 +1,96 @@
+"""What every CLI of the lab shares: flags from the option table, and user errors as one line.
+
+    define_option_flags(lists=False)     # --batch_size=500 ... (one typed flag per option)
+    define_option_flags(lists=True)      # --batch_size=32,500 ... (values of a grid)
+    main = one_line_errors(main)         # ValueError, data and disk errors -> 'error: ...', exit 2 or 1
+
+Every option of `bnjax.lab.options.OPTIONS` becomes a flag of the same name,
+with its help text, default and choices: adding an option adds its flag.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+from typing import Any, Callable
+
+from absl import flags
+
+from bnjax.lab import config as config_lib
+from bnjax.lab.options import OPTIONS
+
+FLAGS = flags.FLAGS
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def define_option_flags(*, lists: bool) -> None:
+  """One flag per option, defaulting to 'unset' (None): typed (`lists=False`) or comma-separated values."""
+  for option in OPTIONS.values():
+    help_text = f'{option.help} (default: {option.default!r})'
+    if lists:
+      flags.DEFINE_string(option.name, None, f'Comma-separated values: {help_text}')
+    elif option.choices is not None:
+      flags.DEFINE_enum(option.name, None, [str(c) for c in option.allowed()], help_text)
+    elif option.type is bool:
+      flags.DEFINE_bool(option.name, None, help_text)
+    else:
+      # Parsed by config.parse_value: the same types and messages as the sweep's comma lists.
+      flags.DEFINE_string(option.name, None, help_text)
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of an error (users get one line without it).')
+
+
+def given_options(*, lists: bool) -> dict[str, Any]:
+  """`{name: value}` (or `{name: [values]}` with `lists`) of the option flags given on the command line."""
+  given = {}
+  for name in config_lib.FIELDS:
+    if not FLAGS[name].present:
+      continue
+    value = FLAGS[name].value
+    if lists:
+      given[name] = config_lib.parse_values(name, value)
+    elif isinstance(value, str) and OPTIONS[name].type is not str:
+      given[name] = config_lib.parse_value(name, value)
+    else:
+      given[name] = value
+  return given
+
+
+def _message(error: BaseException) -> tuple[str, int]:
+  """The one line and exit code for an error a user can fix."""
+  from bnjax.lab.rundir import RunDirError
+
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    where = f' writing {error.filename}' if error.filename else ''
+    return f'the disk is full{where}: free some space or choose another --workdir.', EXIT_FAILURE
+  if isinstance(error, PermissionError):
+    return f'permission denied: {error.filename or error}: check the file or folder\'s permissions.', EXIT_FAILURE
+  if isinstance(error, RunDirError):
+    return str(error), EXIT_USAGE
+  if isinstance(error, ValueError):
+    return str(error), EXIT_USAGE
+  if isinstance(error, OSError):
+    return f'{error.strerror or error}: {error.filename or ""}'.rstrip(': '), EXIT_FAILURE
+  return f'{type(error).__name__}: {error}', EXIT_FAILURE
+
+
+USER_ERRORS = (ValueError, OSError)
+
+
+def one_line_errors(main: Callable) -> Callable:
+  """Wraps an absl `main`: user errors (ValueError incl. data and run-folder errors, OSError) end as
+  `error: <one line>` on stderr with exit 2 (usage) or 1; `--verbose` shows the traceback."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as error:
+      if FLAGS.verbose:
+        raise
+      text, code = _message(error)
+      print(f'error: {" ".join(text.split())}', file=sys.stderr)
+      return code
+
+  return wrapped
