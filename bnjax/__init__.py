@@ -6,6 +6,10 @@ The functional core needs only JAX:
     params, state = bnjax.batch_norm_init(64)
     y, state = bnjax.batch_norm(x, params, state, training=True)
 
+Precise BN (population statistics under fixed weights, Wu & Johnson 2021)
+is `bnjax.precise`: `precise_statistics`, `with_population_statistics`, and
+the accumulator `bnjax.precise.init/update/finalize`.
+
 Two subpackages pull in more and load on first access: `bnjax.linen`, the
 Flax modules around the core, and `bnjax.lab`, the experiment machinery
 (models, data, training loop, sweeps, studies). The core never imports them.
@@ -23,6 +27,7 @@ from bnjax.norm import (
     batch_renorm_init,
     moving_statistics,
 )
+from bnjax.precise import PreciseState, precise_statistics, with_population_statistics
 from bnjax.schedules import (
     as_schedule,
     inverse_decay_momentum,

@@ -39,6 +39,14 @@ values, which is how one program runs K momentums under `jax.vmap`:
     jax.vmap(run)(jnp.array([0.9, 0.99]), stacked_variables)
 
 (`bnjax.lab.models` builds its norm layers this way from an `hparams` argument.)
+
+Precise BN (`bnjax.precise`, Wu & Johnson 2021): in a training-mode call
+with the collection `batch_moments` mutable, each layer also records the
+moments of its input over the whole (global) batch; `precise_batch_stats`
+pools them over many batches into population statistics:
+
+    apply_fn = functools.partial(model.apply, train=True)   # called with mutable=[...]
+    variables = {**variables, 'batch_stats': precise_batch_stats(apply_fn, variables, images)}
 """
 
 from __future__ import annotations
@@ -46,9 +54,12 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from bnjax import moments as moments_lib
 from bnjax import norm as norm_lib
+from bnjax import precise
 from bnjax.schedules import ScalarOrSchedule
 
 Array = jnp.ndarray
@@ -107,7 +118,42 @@ def _apply_pure(
   if not use_running_average and not initializing:
     for field, variable in stats.items():
       variable.value = getattr(new_state, field)
+    if module.is_mutable_collection(BATCH_MOMENTS):
+      _record_batch_moments(module, x, mask)
   return y
+
+
+BATCH_MOMENTS = 'batch_moments'
+
+
+def _record_batch_moments(module: nn.Module, x: Array, mask: Array | None) -> None:
+  """Stores the moments of x over its whole batch in the `batch_moments` collection, for precise BN.
+
+  The layer's entry is `{mean [C], var [C], count [C], epsilon []}`: the mean
+  and biased variance of x over every axis but the feature axis (ghost BN's
+  groups included: the moments of the whole batch, not of each group),
+  leaving out masked entries, over the global batch under `axis_name`, in
+  float32 at least; `count` the number of entries per feature (masks may
+  differ per feature), `epsilon` the layer's, which a renorm layer's
+  population `std` needs. A layer called more than once in one `apply`
+  pools its calls.
+  """
+  feature_axis = module.axis % x.ndim
+  reduce_axes = tuple(a for a in range(x.ndim) if a != feature_axis)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim == 1:
+      mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  batch = moments_lib.batch_moments(
+      x.astype(moments_lib.compute_dtype(x.dtype)), reduce_axes, mask, module.axis_name, module.axis_index_groups
+  )
+  batch = jax.lax.stop_gradient(moments_lib.Moments(*(jnp.reshape(a, (-1,)) for a in batch)))
+  if module.has_variable(BATCH_MOMENTS, 'count'):
+    earlier = moments_lib.Moments(*(module.get_variable(BATCH_MOMENTS, f) for f in moments_lib.Moments._fields))
+    batch = precise.finalize(precise.update(precise.update(precise.init(batch), earlier), batch))
+  for field, value in batch._asdict().items():
+    module.put_variable(BATCH_MOMENTS, field, value)
+  module.put_variable(BATCH_MOMENTS, 'epsilon', jnp.asarray(module.epsilon, jnp.float32))
 
 
 class BatchNorm(nn.Module):
@@ -117,7 +163,10 @@ class BatchNorm(nn.Module):
   `[N, ..., C]`, y of x's shape and dtype. Training (`use_running_average`
   False) normalizes with the batch statistics and, unless initializing,
   writes the new moving statistics to `batch_stats` (which must then be
-  mutable); inference uses the moving statistics.
+  mutable); inference uses the moving statistics. A training call with the
+  collection `batch_moments` mutable also records the moments of x over the
+  whole batch there, for `precise_batch_stats` (nothing is computed when it
+  is not mutable).
 
   Attributes:
     use_running_average: True for inference; or give it at call time.
@@ -188,3 +237,102 @@ class BatchRenorm(BatchNorm):
 
   def _options(self) -> dict:
     return dict(super()._options(), renorm_momentum=self.renorm_momentum, rmax=self.rmax, dmax=self.dmax)
+
+
+def _pooled_layers(recorded: Mapping[str, Any]) -> Any:
+  """The `batch_moments` collection with each layer's entry as `(Moments, epsilon)`."""
+  if 'count' in recorded and not isinstance(recorded['count'], Mapping):
+    return (moments_lib.Moments(recorded['mean'], recorded['var'], recorded['count']), recorded['epsilon'])
+  return {name: _pooled_layers(child) for name, child in recorded.items()}
+
+
+def _with_population(stats: Mapping[str, Any], pooled: Any) -> Any:
+  """`stats` (a `batch_stats` subtree) with every layer found in `pooled` given its population statistics."""
+  if pooled is None:
+    return stats
+  if isinstance(pooled, tuple):
+    moments, epsilon = pooled
+    return precise.with_population_statistics(stats, moments, epsilon)
+  return {name: _with_population(child, pooled.get(name)) for name, child in stats.items()}
+
+
+def precise_batch_stats(
+    apply_fn: Callable[..., tuple[Any, Mapping[str, Any]]],
+    variables: Mapping[str, Any],
+    batches: Any,
+    *,
+    num_examples: int | None = precise.DEFAULT_NUM_EXAMPLES,
+) -> dict:
+  """Precise BN for a Flax model: `batch_stats` with every layer's population statistics.
+
+  Runs a training-mode forward pass of each batch under the fixed
+  `variables` (as fvcore's `update_bn_stats`), pools the moments each
+  `BatchNorm`/`BatchRenorm` layer records of its input with
+  `bnjax.precise.precise_statistics` (count-weighted mean and biased
+  variance over all examples, the variance of the batch means included; see
+  `bnjax.precise`), and writes them with
+  `bnjax.precise.with_population_statistics`: `mean`/`var` for batch norm,
+  `mean`/`std` = `sqrt(var + epsilon)` (the layer's epsilon) and the same
+  `renorm_mean`/`renorm_std` for batch renorm; `step` and `decay_product`
+  are kept. Ghost BN layers get the statistics of all examples too, not the
+  average of their group statistics that their moving averages track (which
+  misses the variance of the group means).
+
+      apply_fn = functools.partial(model.apply, train=True)
+      batch_stats = precise_batch_stats(apply_fn, variables, images)  # images [S, B, H, W, C]
+      variables = {**variables, 'batch_stats': batch_stats}
+
+  The moving statistics given in are not used by a training-mode pass,
+  except by renorm layers, whose r and d come from `renorm_mean` and
+  `renorm_std` (so they shape the inputs of the layers after them). The
+  new statistics each layer computes during the passes are thrown away.
+
+  Args:
+    apply_fn: `apply_fn(variables, batch, mutable=collections) -> (output,
+      updated_collections)`, as `model.apply`: it must run the model in
+      training mode (batch statistics) and pass `mutable` on to `apply`;
+      `functools.partial(model.apply, train=True)` for a model called as
+      `model(x, train)` with `batch` the input. Pick the input out of a
+      batch, pass `rngs`, etc. in it: e.g. `lambda v, batch, mutable:
+      model.apply(v, batch[0], train=True, mutable=mutable)`. We recommend
+      a pass with dropout off, so that the statistics are those of the
+      inputs each layer sees at inference (if dropout runs, give it its
+      `rngs`). It is traced once and jitted.
+    variables: the model's variables with `batch_stats` (and `params`).
+    batches: stacked batches `[S, B, ...]` (or a tuple/dict of them), run as
+      one jitted scan, or an iterable of batches; see
+      `bnjax.precise.precise_statistics`.
+    num_examples: how many examples to pool, rounded up to whole batches;
+      None for all. Default 10^4 (Wu & Johnson 2021).
+
+  Returns:
+    A new `batch_stats` collection with the structure of
+    `variables['batch_stats']`. Layers that record no moments (bnjax layers
+    in inference mode, `flax.linen.BatchNorm`) keep their statistics.
+
+  Raises:
+    ValueError: no `batch_stats` in `variables`, or no layer recorded moments
+      (`apply_fn` did not run bnjax layers in training mode or dropped
+      `mutable`); and the errors of `precise_statistics`.
+  """
+  if 'batch_stats' not in variables:
+    raise ValueError(
+        f'precise_batch_stats: variables have collections {sorted(variables)}, no batch_stats; '
+        'pass the variables of a model with bnjax.linen norm layers.'
+    )
+  # Moments left in the variables by an earlier call would be pooled with this pass's.
+  variables = {name: collection for name, collection in variables.items() if name != BATCH_MOMENTS}
+
+  def batch_moments_fn(batch):
+    _, collections = apply_fn(variables, batch, mutable=['batch_stats', BATCH_MOMENTS])
+    recorded = collections.get(BATCH_MOMENTS) if isinstance(collections, Mapping) else None
+    if not recorded:
+      raise ValueError(
+          'precise_batch_stats: no layer recorded batch moments: apply_fn must run the model in '
+          'training mode (batch statistics) and pass mutable= on to apply, e.g. '
+          'functools.partial(model.apply, train=True).'
+      )
+    return _pooled_layers(recorded)
+
+  pooled = precise.precise_statistics(batch_moments_fn, batches, num_examples=num_examples)
+  return _with_population(variables['batch_stats'], pooled)

@@ -1,5 +1,8 @@
 """Tests for bnjax.linen: the modules equal the pure functions they wrap, and flax.linen.BatchNorm."""
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax.linen import BatchNorm, BatchRenorm, norm_state
+from bnjax.linen import BatchNorm, BatchRenorm, norm_state, precise_batch_stats
 
 C = 5
 
@@ -208,3 +211,195 @@ def test_center_scale_off_and_axis():
 def test_norm_state_rejects_other_statistics():
   with pytest.raises(ValueError, match='missing'):
     norm_state({'mean': jnp.zeros(3), 'var': jnp.ones(3)})
+
+
+# ----------------------------------------------------------------------------
+# Precise BN: the layers record their batch moments; precise_batch_stats pools them.
+
+
+def _apply_recording(module, variables, x, **kwargs):
+  return module.apply(variables, x, use_running_average=False, mutable=['batch_stats', 'batch_moments'], **kwargs)
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_training_call_records_the_moments_of_the_whole_batch(kind):
+  module_type, _, options = KINDS[kind]
+  module = module_type(**options)
+  x = _x(shape=(8, 3, C)) + jnp.arange(8.0)[:, None, None]  # ghost groups with different means
+  mask = jnp.arange(8) < 6
+  variables = _random_state(module, x)
+  y, updates = _apply_recording(module, variables, x, mask=mask)
+  y_plain, plain = module.apply(variables, x, use_running_average=False, mask=mask, mutable=['batch_stats'])
+  np.testing.assert_array_equal(y, y_plain)
+  jax.tree.map(np.testing.assert_array_equal, updates['batch_stats'], plain['batch_stats'])
+  recorded = updates['batch_moments']
+  valid = np.asarray(x, np.float64)[:6].reshape(-1, C)  # ghost BN too: the whole batch, not each group
+  np.testing.assert_allclose(recorded['mean'], valid.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(recorded['var'], valid.var(0), rtol=1e-5)
+  np.testing.assert_array_equal(recorded['count'], np.full(C, 18))
+  np.testing.assert_allclose(recorded['epsilon'], options.get('epsilon', 1e-3))
+  assert recorded['mean'].dtype == recorded['var'].dtype == jnp.float32
+
+
+def test_moments_are_recorded_only_in_training_calls_with_the_collection_mutable():
+  x = _x()
+  module = BatchNorm()
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  assert set(variables) == {'params', 'batch_stats'}
+  _, updates = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+  assert set(updates) == {'batch_stats'}
+  _, updates = module.apply(variables, x, use_running_average=True, mutable=['batch_stats', 'batch_moments'])
+  assert 'batch_moments' not in updates or not updates['batch_moments']
+  x16 = _x(shape=(8, C)).astype(jnp.bfloat16)
+  _, updates = _apply_recording(module, variables, x16)
+  np.testing.assert_allclose(updates['batch_moments']['var'], np.asarray(x16, np.float64).var(0), rtol=1e-5)
+  assert updates['batch_moments']['var'].dtype == jnp.float32
+
+
+def test_a_layer_called_twice_records_both_calls():
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+      norm = BatchNorm(use_running_average=False)
+      return norm(a), norm(b)
+
+  a, b = _x(1, (4, C)), _x(2, (12, C)) + 5.0
+  variables = Twice().init(jax.random.key(0), a, b)
+  _, updates = Twice().apply(variables, a, b, mutable=['batch_stats', 'batch_moments'])
+  both = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)])
+  recorded = updates['batch_moments']['BatchNorm_0']
+  np.testing.assert_allclose(recorded['mean'], both.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(recorded['var'], both.var(0), rtol=1e-5)
+  np.testing.assert_array_equal(recorded['count'], np.full(C, 16))
+
+
+def test_recorded_moments_under_axis_name_are_those_of_the_global_batch():
+  module = BatchNorm(virtual_batch_size=3, axis_name='devices')
+  x = _x(shape=(4, 6, C)) + jnp.arange(4.0)[:, None, None]  # 4 "devices" of 6 examples
+  variables = module.init(jax.random.key(0), x[0], use_running_average=False)
+  _, updates = jax.vmap(lambda xi: _apply_recording(module, variables, xi), axis_name='devices')(x)
+  everything = np.asarray(x, np.float64).reshape(24, C)
+  for device in range(4):
+    np.testing.assert_allclose(updates['batch_moments']['mean'][device], everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates['batch_moments']['var'][device], everything.var(0), rtol=1e-5)
+
+
+class _Block(nn.Module):
+  """Dense -> norm -> relu; the norm's input is the Dense's output (named `dense`)."""
+
+  width: int
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x, use_running_average):
+    x = nn.Dense(self.width, name='dense')(x)
+    return nn.relu(self.norm(name='norm')(x, use_running_average))
+
+
+# The norm layer of each of the three blocks.
+NETS = {
+    'bn': [functools.partial(BatchNorm, momentum=0.9)] * 3,
+    'ghost': [functools.partial(BatchNorm, virtual_batch_size=4)] * 3,
+    'renorm': [functools.partial(BatchRenorm, rmax=1.5, dmax=0.5, epsilon=1e-2)] * 3,
+    'mixed': [BatchNorm, functools.partial(BatchNorm, virtual_batch_size=2, epsilon=1e-4),
+              functools.partial(BatchRenorm, rmax=2.0, dmax=1.0)],
+}
+
+
+class _Net(nn.Module):
+  norms: tuple
+
+  @nn.compact
+  def __call__(self, x, use_running_average):
+    for i, norm in enumerate(self.norms):
+      x = _Block(6 - i, norm, name=f'block{i}')(x, use_running_average)
+    return nn.Dense(2)(x)
+
+
+def _net_and_data(kind, num_batches=5, batch_size=8):
+  model = _Net(tuple(NETS[kind]))
+  rng = np.random.default_rng(0)
+  images = rng.normal(2.0, 1.5, (num_batches, batch_size, 4)).astype(np.float32)
+  images += np.arange(num_batches, dtype=np.float32)[:, None, None]  # batch means differ
+  variables = _random_state(model, jnp.asarray(images[0]))  # renorm statistics far off: r and d matter
+  return model, variables, images
+
+
+def _pooled_layer_inputs(model, variables, images):
+  """Per block, the float64 mean and biased variance of its norm's input over every batch, by hand."""
+  inputs = {}
+  for batch in images:
+    _, state = model.apply(
+        variables, batch, False, mutable=['batch_stats', 'intermediates'],
+        capture_intermediates=lambda module, _: module.name == 'dense',
+    )
+    for block, captured in state['intermediates'].items():
+      inputs.setdefault(block, []).append(np.asarray(captured['dense']['__call__'][0], np.float64))
+  return {block: (np.concatenate(x).mean(0), np.concatenate(x).var(0)) for block, x in inputs.items()}
+
+
+def _assert_population(batch_stats, reference, model):
+  for i, norm in enumerate(model.norms):
+    stats, (mean, var) = batch_stats[f'block{i}']['norm'], reference[f'block{i}']
+    np.testing.assert_allclose(stats['mean'], mean, rtol=1e-5, atol=1e-5)
+    if 'std' in stats:
+      epsilon = norm.keywords.get('epsilon', 1e-3) if isinstance(norm, functools.partial) else 1e-3
+      np.testing.assert_allclose(stats['std'], np.sqrt(var + epsilon), rtol=1e-5)
+      np.testing.assert_allclose(bnjax.moving_statistics(norm_state(stats), epsilon)[1], var, rtol=1e-4)
+      np.testing.assert_array_equal(stats['renorm_std'], stats['std'])
+      np.testing.assert_array_equal(stats['renorm_mean'], stats['mean'])
+    else:
+      np.testing.assert_allclose(stats['var'], var, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', list(NETS))
+def test_precise_batch_stats_equal_the_statistics_of_each_layer_input(kind):
+  model, variables, images = _net_and_data(kind)
+  apply_fn = functools.partial(model.apply, use_running_average=False)
+  batch_stats = precise_batch_stats(apply_fn, variables, images, num_examples=None)
+  assert jax.tree.structure(batch_stats) == jax.tree.structure(variables['batch_stats'])
+  _assert_population(batch_stats, _pooled_layer_inputs(model, variables, images), model)
+  for block in batch_stats:  # step and decay_product are kept
+    for field in ('step', 'decay_product'):
+      assert batch_stats[block]['norm'][field] == variables['batch_stats'][block]['norm'][field]
+
+
+def test_precise_batch_stats_of_one_layer_equal_numpy_population_statistics():
+  model = _Net((BatchNorm,))
+  images = np.random.default_rng(1).normal(3.0, 2.0, (6, 10, 4)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images[0], False)
+  kernel, bias = (np.asarray(variables['params']['block0']['dense'][k], np.float64) for k in ('kernel', 'bias'))
+  layer_input = images.reshape(60, 4).astype(np.float64) @ kernel + bias
+  batch_stats = precise_batch_stats(functools.partial(model.apply, use_running_average=False), variables, images)
+  np.testing.assert_allclose(batch_stats['block0']['norm']['mean'], layer_input.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(batch_stats['block0']['norm']['var'], layer_input.var(0), rtol=1e-5)
+  # Inference with them normalizes with the population statistics.
+  x = images[0]
+  hidden = model.apply({**variables, 'batch_stats': batch_stats}, x, True, capture_intermediates=True,
+                       mutable=['intermediates'])[1]['intermediates']['block0']['norm']['__call__'][0]
+  want = (x.astype(np.float64) @ kernel + bias - layer_input.mean(0)) / np.sqrt(layer_input.var(0) + 1e-3)
+  np.testing.assert_allclose(hidden, want, rtol=1e-4, atol=1e-5)
+
+
+def test_precise_batch_stats_from_an_iterable_of_labelled_batches_and_num_examples():
+  model, variables, images = _net_and_data('mixed')
+  labels = np.zeros(images.shape[:2], np.int32)
+  apply_fn = lambda v, batch, mutable: model.apply(v, batch[0], False, mutable=mutable)
+  batches = [(images[k], labels[k]) for k in range(len(images))]
+  # 20 examples in batches of 8: the first 3 batches.
+  from_list = precise_batch_stats(apply_fn, variables, batches, num_examples=20)
+  _assert_population(from_list, _pooled_layer_inputs(model, variables, images[:3]), model)
+  stacked = precise_batch_stats(apply_fn, variables, (images, labels), num_examples=20)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stacked, from_list)
+
+
+def test_precise_batch_stats_errors():
+  model, variables, images = _net_and_data('bn')
+  inference = functools.partial(model.apply, use_running_average=True)
+  with pytest.raises(ValueError, match='no layer recorded'):
+    precise_batch_stats(inference, variables, images)
+  drops_mutable = lambda v, x, mutable: model.apply(v, x, False, mutable=['batch_stats'])
+  with pytest.raises(ValueError, match='no layer recorded'):
+    precise_batch_stats(drops_mutable, variables, images)
+  with pytest.raises(ValueError, match='no batch_stats'):
+    precise_batch_stats(functools.partial(model.apply, use_running_average=False), {'params': variables['params']}, images)
