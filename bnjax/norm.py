@@ -22,7 +22,10 @@ Conventions:
   Adam's bias correction: after the first update the moving statistics equal
   the batch statistics, whatever the momentum and the initial state.
 - Batch statistics are computed in float32 (see `bnjax.moments`); the output
-  has the input's dtype.
+  has the input's dtype. Integer and bool inputs are normalized as float32
+  (as flax and haiku do) and give float32 outputs; float64 inputs are float32
+  unless `jax_enable_x64` is set (without JAX's truncation warning). Complex
+  inputs are rejected. The state keeps its float32 statistics either way.
 """
 
 from __future__ import annotations
@@ -232,6 +235,26 @@ def _layout(fn, x, num_features, axis, virtual_batch_size, mask, training=True) 
   return _Layout(x.shape, reduce_axes, feature_shape, feature_shape, ghost, False)
 
 
+def _real_float_input(fn, x) -> Array:
+  """x as a JAX array of a floating dtype, the dtype of the output.
+
+  Integers and bools become float32, as in flax and haiku (an integer output
+  would truncate the normalized values). `jnp.asarray` gives the dtype JAX
+  computes in: a float64 numpy array is float32 without `jax_enable_x64`, with
+  no truncation warning (asking for float64 later would warn).
+  """
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(
+        f'{fn}: x has dtype {x.dtype}; expected real numbers (float, integer or bool). Batch '
+        'statistics of complex values are not defined here: pass jnp.real(x), jnp.abs(x), or the real '
+        'and imaginary parts as separate features (jnp.concatenate([x.real, x.imag], axis)).'
+    )
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x
+
+
 def _check_training(fn, training):
   if not isinstance(training, (bool, np.bool_)):
     raise ValueError(
@@ -337,6 +360,7 @@ def _normalize_with_moving_statistics(x, params, state, epsilon, layout):
 
 
 def _check_common(fn, x, params, num_features, training, momentum, epsilon, axis, virtual_batch_size, mask):
+  """`(x, layout)`: x as a real floating array (see `_real_float_input`), after checking every argument."""
   _check_training(fn, training)
   _check_range(fn, 'momentum', momentum, 0.0, 1.0, hint=_MOMENTUM_HINT)
   _check_range(fn, 'epsilon', epsilon, 0.0, np.inf, low_open=True)
@@ -345,7 +369,8 @@ def _check_common(fn, x, params, num_features, training, momentum, epsilon, axis
       raise ValueError(
           f"{fn}: params['{name}'] has shape {np.shape(value)}, expected ({num_features},) to match the state."
       )
-  return _layout(fn, x, num_features, axis, virtual_batch_size, mask, training)
+  x = _real_float_input(fn, x)
+  return x, _layout(fn, x, num_features, axis, virtual_batch_size, mask, training)
 
 
 def batch_norm(
@@ -375,6 +400,8 @@ def batch_norm(
   Args:
     x: `[N, ..., C]` activations (`[N, C]` dense, `[N, H, W, C]` conv), any
       float dtype; statistics are computed in float32, `y` has x's dtype.
+      Integers and bools are normalized as float32 (y is float32), float64
+      is float32 unless `jax_enable_x64` is set; complex x raises a ValueError.
     params: from `batch_norm_init`: `scale` `[C]` and/or `bias` `[C]`.
     state: a `BatchNormState` from `batch_norm_init` or an earlier call.
     training: True to normalize with batch statistics and update the state.
@@ -399,10 +426,11 @@ def batch_norm(
     debias: correct the moving averages for their initial value (see module doc).
 
   Returns:
-    `(y, new_state)`, y with the shape and dtype of x.
+    `(y, new_state)`, y with the shape of x and its dtype (float32 for
+    integer or bool x); new_state with the dtypes of state.
   """
   fn = 'batch_norm'
-  layout = _check_common(
+  x, layout = _check_common(
       fn, x, params, state.mean.shape[0], training, momentum, epsilon, axis, virtual_batch_size, mask
   )
   if not training:
@@ -471,10 +499,10 @@ def batch_renorm(
     dmax: clipping of d to [-dmax, dmax]; >= 0, or a schedule.
 
   Returns:
-    `(y, new_state)`.
+    `(y, new_state)`, as in `batch_norm` (y float32 for integer or bool x).
   """
   fn = 'batch_renorm'
-  layout = _check_common(
+  x, layout = _check_common(
       fn, x, params, state.mean.shape[0], training, momentum, epsilon, axis, virtual_batch_size, mask
   )
   _check_range(fn, 'renorm_momentum', renorm_momentum, 0.0, 1.0, hint=_MOMENTUM_HINT)
