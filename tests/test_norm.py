@@ -601,6 +601,45 @@ def test_params_of_the_wrong_size_are_rejected():
     bnjax.batch_norm(jnp.zeros((8, 4)), params, state, training=True)
 
 
+_FIELDS = [
+    (name, field)
+    for name, (_, init) in _FUNCTIONS.items()
+    for field in init(1)[1]._fields + ('scale', 'bias')
+]
+
+
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('name, field', _FIELDS, ids=[f'{n}-{f}' for n, f in _FIELDS])
+def test_every_state_field_and_param_of_the_wrong_shape_gets_a_clear_error(name, field, training):
+  fn, init = _FUNCTIONS[name]
+  params, state = init(4)
+  if field in params:
+    params = dict(params, **{field: jnp.ones(3)})
+    message = rf"{name}: params\['{field}'\] has shape \(3,\), expected \(4,\)"
+  elif field in ('step', 'decay_product'):
+    state = state._replace(**{field: jnp.zeros(2, getattr(state, field).dtype)})
+    message = rf'{name}: state\.{field} has shape \(2,\), expected \(\)'
+  else:
+    state = state._replace(**{field: jnp.ones(3)})
+    message = rf'{name}: state\.{field} has shape \(3,\), expected \(4,\).*{name}_init\(4\)'
+  with pytest.raises(ValueError, match=message):
+    fn(jnp.zeros((8, 4)), params, state, training=training)
+  with pytest.raises(ValueError, match=message):  # at trace time
+    jax.jit(lambda x: fn(x, params, state, training=training))(jnp.zeros((8, 4)))
+
+
+def test_params_and_state_for_another_feature_size_say_so():
+  params, state = bnjax.batch_norm_init(5)
+  with pytest.raises(ValueError, match=r'x has 4 features on axis -1 \(shape \(8, 4\)\) but params and state have shape \(5,\).*batch_norm_init\(4\)'):
+    bnjax.batch_norm(jnp.zeros((8, 4)), params, state, training=True)
+
+
+def test_a_state_of_the_other_kind_is_rejected():
+  params, state = bnjax.batch_norm_init(4)
+  with pytest.raises(ValueError, match=r"batch_renorm: state is a BatchNormState without \['std', 'renorm_mean', 'renorm_std'\]; expected a BatchRenormState"):
+    bnjax.batch_renorm(jnp.zeros((8, 4)), params, state, training=True)
+
+
 def test_vmap_over_epsilon():
   x = _data((32, 8))
   params, state = bnjax.batch_norm_init(8)
