@@ -473,7 +473,7 @@ def batch_norm(
   multiplier, offset = _affine_coefficients(params, layout.view_feature_shape, xv.dtype)
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon,
   )
 
   keep, take, decay_product = _ema_weights(momentum, state.step, state.decay_product, debias)
@@ -558,7 +558,7 @@ def batch_renorm(
   )
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon,
   )
 
   tracked_std = jnp.sqrt(tracked.var + epsilon)
