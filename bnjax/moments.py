@@ -48,8 +48,12 @@ class Moments(NamedTuple):
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype statistics are computed in: float32 at least."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """The dtype statistics are computed in: float32 at least, and one JAX has.
+
+  float64 is float32 unless `jax_enable_x64` is set: asking JAX for float64
+  without it would warn that the dtype is truncated.
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def _psum(value, axis_name, axis_index_groups):
@@ -82,16 +86,17 @@ def batch_moments(
     `Moments` whose arrays have x's shape with `reduce_axes` set to 1.
   """
   reduce_axes = tuple(reduce_axes)
+  # The dtype JAX computes in (`total.dtype`), not x's: a float64 numpy x is summed in float32.
   if mask is None:
     local_count = 1
     for axis in reduce_axes:
       local_count *= x.shape[axis]
     total = jnp.sum(x, axis=reduce_axes, keepdims=True)
-    count = jnp.full(total.shape, local_count, x.dtype)
+    count = jnp.full(total.shape, local_count, total.dtype)
   else:
     mask = jnp.broadcast_to(mask, x.shape)
     total = jnp.sum(jnp.where(mask, x, 0), axis=reduce_axes, keepdims=True)
-    count = jnp.sum(mask, axis=reduce_axes, keepdims=True, dtype=x.dtype)
+    count = jnp.sum(mask, axis=reduce_axes, keepdims=True, dtype=total.dtype)
   count, total = _psum((count, total), axis_name, axis_index_groups)
   safe_count = jnp.maximum(count, 1)
   mean = total / safe_count

@@ -22,7 +22,10 @@ Conventions:
   Adam's bias correction: after the first update the moving statistics equal
   the batch statistics, whatever the momentum and the initial state.
 - Batch statistics are computed in float32 (see `bnjax.moments`); the output
-  has the input's dtype.
+  has the input's dtype. Integer and bool inputs are normalized as float32
+  (as flax and haiku do) and give float32 outputs; float64 inputs are float32
+  unless `jax_enable_x64` is set (without JAX's truncation warning). Complex
+  inputs are rejected. The state keeps its float32 statistics either way.
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ class _Layout(NamedTuple):
   grouped: bool  # whether the view has a leading group axis (more than one group)
 
 
-def _layout(fn, x, num_features, axis, virtual_batch_size, mask, training=True) -> _Layout:
+def _layout(fn, x, axis, virtual_batch_size, mask, training=True) -> _Layout:
   if x.ndim < 2:
     raise ValueError(
         f'{fn}: x has shape {x.shape} (rank {x.ndim}); expected rank >= 2, '
@@ -196,11 +199,7 @@ def _layout(fn, x, num_features, axis, virtual_batch_size, mask, training=True) 
   feature_axis = axis % x.ndim
   if feature_axis == 0:
     raise ValueError(f'{fn}: axis={axis!r} is the batch axis; the feature axis must be another one.')
-  if x.shape[feature_axis] != num_features:
-    raise ValueError(
-        f'{fn}: x has {x.shape[feature_axis]} features on axis {axis} (shape {x.shape}) '
-        f'but params/state hold {num_features}; initialise them with the feature size of x.'
-    )
+  num_features = x.shape[feature_axis]
   batch = x.shape[0]
   # Inference normalizes each example with the moving statistics: any batch size will do.
   if virtual_batch_size is not None and (
@@ -230,6 +229,67 @@ def _layout(fn, x, num_features, axis, virtual_batch_size, mask, training=True) 
     return _Layout(view_shape, reduce_axes, feature_shape, (1,) + feature_shape, True, True)
   reduce_axes = tuple(a for a in range(x.ndim) if a != feature_axis)
   return _Layout(x.shape, reduce_axes, feature_shape, feature_shape, ghost, False)
+
+
+def _real_float_input(fn, x) -> Array:
+  """x as a JAX array of a floating dtype, the dtype of the output.
+
+  Integers and bools become float32, as in flax and haiku (an integer output
+  would truncate the normalized values). `jnp.asarray` gives the dtype JAX
+  computes in: a float64 numpy array is float32 without `jax_enable_x64`, with
+  no truncation warning (asking for float64 later would warn).
+  """
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(
+        f'{fn}: x has dtype {x.dtype}; expected real numbers (float, integer or bool). Batch '
+        'statistics of complex values are not defined here: pass jnp.real(x), jnp.abs(x), or the real '
+        'and imaginary parts as separate features (jnp.concatenate([x.real, x.imag], axis)).'
+    )
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x
+
+
+_SCALAR_FIELDS = ('step', 'decay_product')
+
+
+def _check_state_and_params(fn, params, state, state_type, x_shape, axis):
+  """Checks that the state is a `state_type` whose fields, and the params, have their shapes.
+
+  Every vector (state statistics, `scale`, `bias`) must be `[C]` with C the
+  size of x's feature `axis`; `step` and `decay_product` must be scalars.
+  """
+  init = f'{fn}_init'
+  missing = [field for field in state_type._fields if not hasattr(state, field)]
+  if missing:
+    raise ValueError(
+        f'{fn}: state is a {type(state).__name__} without {missing}; expected a {state_type.__name__}, '
+        f'from {init} or from the previous call of {fn}.'
+    )
+  num_features = x_shape[axis]
+  vectors = {f'state.{field}': getattr(state, field) for field in state_type._fields if field not in _SCALAR_FIELDS}
+  vectors.update({f"params['{name}']": value for name, value in params.items()})
+  wrong = {name: np.shape(value) for name, value in vectors.items() if np.shape(value) != (num_features,)}
+  if len(wrong) == len(vectors) and len(set(wrong.values())) == 1:
+    raise ValueError(
+        f'{fn}: x has {num_features} features on axis {axis} (shape {x_shape}) but params and state have '
+        f'shape {next(iter(wrong.values()))}; initialise them with the feature size of x: {init}({num_features}).'
+    )
+  if wrong:
+    name, shape = next(iter(wrong.items()))
+    raise ValueError(
+        f'{fn}: {name} has shape {shape}, expected ({num_features},), one value per feature of x '
+        f'(axis {axis} of shape {x_shape}); pass the params and state of {init}({num_features}) '
+        f'or those the previous call of {fn} used and returned.'
+    )
+  for field in _SCALAR_FIELDS:
+    shape = np.shape(getattr(state, field))
+    if shape != ():
+      raise ValueError(
+          f'{fn}: state.{field} has shape {shape}, expected (), a scalar; pass the state of {init} or of '
+          f'the previous call of {fn} (under vmap over states, map every field of the state).'
+      )
 
 
 def _check_training(fn, training):
@@ -336,16 +396,15 @@ def _normalize_with_moving_statistics(x, params, state, epsilon, layout):
   return y.astype(x.dtype)
 
 
-def _check_common(fn, x, params, num_features, training, momentum, epsilon, axis, virtual_batch_size, mask):
+def _check_common(fn, x, params, state, state_type, training, momentum, epsilon, axis, virtual_batch_size, mask):
+  """`(x, layout)`: x as a real floating array (see `_real_float_input`), after checking every argument."""
   _check_training(fn, training)
   _check_range(fn, 'momentum', momentum, 0.0, 1.0, hint=_MOMENTUM_HINT)
   _check_range(fn, 'epsilon', epsilon, 0.0, np.inf, low_open=True)
-  for name, value in params.items():
-    if np.shape(value) != (num_features,):
-      raise ValueError(
-          f"{fn}: params['{name}'] has shape {np.shape(value)}, expected ({num_features},) to match the state."
-      )
-  return _layout(fn, x, num_features, axis, virtual_batch_size, mask, training)
+  x = _real_float_input(fn, x)
+  layout = _layout(fn, x, axis, virtual_batch_size, mask, training)
+  _check_state_and_params(fn, params, state, state_type, x.shape, axis)
+  return x, layout
 
 
 def batch_norm(
@@ -375,6 +434,8 @@ def batch_norm(
   Args:
     x: `[N, ..., C]` activations (`[N, C]` dense, `[N, H, W, C]` conv), any
       float dtype; statistics are computed in float32, `y` has x's dtype.
+      Integers and bools are normalized as float32 (y is float32), float64
+      is float32 unless `jax_enable_x64` is set; complex x raises a ValueError.
     params: from `batch_norm_init`: `scale` `[C]` and/or `bias` `[C]`.
     state: a `BatchNormState` from `batch_norm_init` or an earlier call.
     training: True to normalize with batch statistics and update the state.
@@ -399,11 +460,12 @@ def batch_norm(
     debias: correct the moving averages for their initial value (see module doc).
 
   Returns:
-    `(y, new_state)`, y with the shape and dtype of x.
+    `(y, new_state)`, y with the shape of x and its dtype (float32 for
+    integer or bool x); new_state with the dtypes of state.
   """
   fn = 'batch_norm'
-  layout = _check_common(
-      fn, x, params, state.mean.shape[0], training, momentum, epsilon, axis, virtual_batch_size, mask
+  x, layout = _check_common(
+      fn, x, params, state, BatchNormState, training, momentum, epsilon, axis, virtual_batch_size, mask
   )
   if not training:
     return _normalize_with_moving_statistics(x, params, state, epsilon, layout), state
@@ -411,7 +473,7 @@ def batch_norm(
   multiplier, offset = _affine_coefficients(params, layout.view_feature_shape, xv.dtype)
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon,
   )
 
   keep, take, decay_product = _ema_weights(momentum, state.step, state.decay_product, debias)
@@ -471,11 +533,11 @@ def batch_renorm(
     dmax: clipping of d to [-dmax, dmax]; >= 0, or a schedule.
 
   Returns:
-    `(y, new_state)`.
+    `(y, new_state)`, as in `batch_norm` (y float32 for integer or bool x).
   """
   fn = 'batch_renorm'
-  layout = _check_common(
-      fn, x, params, state.mean.shape[0], training, momentum, epsilon, axis, virtual_batch_size, mask
+  x, layout = _check_common(
+      fn, x, params, state, BatchRenormState, training, momentum, epsilon, axis, virtual_batch_size, mask
   )
   _check_range(fn, 'renorm_momentum', renorm_momentum, 0.0, 1.0, hint=_MOMENTUM_HINT)
   _check_range(fn, 'rmax', rmax, 1.0, np.inf)
@@ -496,7 +558,7 @@ def batch_renorm(
   )
   y = normalize(
       xv, batch, multiplier, offset, mask,
-      reduce_axes=layout.reduce_axes, epsilon=epsilon, mapped=axis_name is not None,
+      reduce_axes=layout.reduce_axes, epsilon=epsilon,
   )
 
   tracked_std = jnp.sqrt(tracked.var + epsilon)

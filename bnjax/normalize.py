@@ -15,18 +15,24 @@ Autodiff of the exact two-pass variance needs one more pass, which made
 bnjax 1.25x slower than flax.linen.BatchNorm's one-pass (but cancelling)
 variance on XLA:CPU; with the closed form it is faster, and exact.
 
-Under a mapped axis (`mapped=True`: shard_map, pmap, vmap with an axis
-name) the output is computed by plain autodiff through the statistics, which
-is correct under every transformation, shard_map's replication typing
-included (the closed form would return per-device cotangents for replicated
-scale and bias).
+Under a named mapped axis (shard_map's mesh axes, pmap's or vmap's
+`axis_name`) the output is computed by plain autodiff through the statistics,
+which is correct under every transformation, shard_map's replication typing
+included. The closed form would be wrong there: its sums run over the local
+batch while the statistics may span the axis (silently wrong gradients under
+vmap), and it returns per-device cotangents for replicated scale and bias
+(an error under shard_map). `normalize` detects the axis itself when it is
+traced, so callers need not say so; outside mapped axes nothing changes and
+the closed form runs.
 """
 
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from bnjax.moments import Moments
 
@@ -42,7 +48,7 @@ def normalize(
     *,
     reduce_axes: tuple,
     epsilon: float,
-    mapped: bool = False,
+    mapped: bool | None = None,
 ) -> Array:
   """Batch-normalizes `x` with its own batch statistics `moments`.
 
@@ -58,12 +64,15 @@ def normalize(
     mask: booleans broadcastable to x, or None (as given to `batch_moments`).
     reduce_axes: the axes the statistics reduce over.
     epsilon: added to the variance.
-    mapped: whether this runs under a named mapped axis (the caller's `axis_name`).
+    mapped: deprecated, not needed: `normalize` detects a named mapped axis
+      itself (see `_under_named_axis`). True still forces the autodiff path;
+      False and None (the default) let `normalize` choose, so False no longer
+      selects the closed form under a mapped axis, where it is wrong.
 
   Returns:
     y, of x's shape.
   """
-  if mapped:
+  if mapped or _under_named_axis():
     inv_std = jax.lax.rsqrt(moments.var + epsilon)
     coef = inv_std if multiplier is None else inv_std * multiplier
     y = (x - moments.mean) * coef
@@ -76,6 +85,20 @@ def normalize(
       (moments.mean, jax.lax.rsqrt(moments.var + epsilon), moments.count)
   )
   return _normalize_local(x, multiplier, offset, mask, mean, inv_std, count, reduce_axes)
+
+
+def _under_named_axis() -> bool:
+  """Whether the caller is being traced under a named mapped axis.
+
+  True inside shard_map (its mesh axes, with or without `check_vma`), pmap,
+  and vmap with an `axis_name`; False outside them and under a plain vmap,
+  whose instances are independent. Decided at trace time: it costs nothing
+  when the program runs.
+  """
+  # JAX 0.10 exposes its axis environment to libraries only under this name;
+  # the varying manual axes of an array (`jax.typeof(x).manual_axis_type`)
+  # would miss vmap's and pmap's named axes.
+  return jax_core.nonempty_axis_env_DO_NOT_USE()
 
 
 def _sum_to_shape(value: Array, shape: tuple) -> Array:

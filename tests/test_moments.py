@@ -1,5 +1,7 @@
 """bnjax.moments: batch statistics, masks, pooling of group statistics."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,3 +55,22 @@ def test_compute_dtype_is_at_least_float32():
   assert moments.compute_dtype(jnp.bfloat16) == jnp.float32
   assert moments.compute_dtype(jnp.float16) == jnp.float32
   assert moments.compute_dtype(jnp.float32) == jnp.float32
+
+
+def test_compute_dtype_is_what_jax_computes_in():
+  # Without jax_enable_x64, float64 is computed in float32: asking for it would warn.
+  assert moments.compute_dtype(np.float64) == jnp.asarray(np.zeros(1)).dtype
+  assert moments.compute_dtype(np.int64) == jnp.float32
+
+
+def test_batch_moments_of_a_float64_numpy_array_emit_no_dtype_warning():
+  x = np.random.default_rng(4).normal(2.0, 3.0, (12, 3))
+  mask = np.arange(12)[:, None] % 4 != 0
+  for m in (None, mask):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      got = moments.batch_moments(x, (0,), m)
+    assert not caught, [str(w.message) for w in caught]
+    valid = x if m is None else x[m[:, 0]]
+    np.testing.assert_allclose(got.mean.ravel(), valid.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(got.var.ravel(), valid.var(0), rtol=1e-5)

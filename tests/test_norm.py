@@ -1,6 +1,7 @@
 """bnjax.norm against numpy formulas, flax.linen.BatchNorm and Keras 3's batch renorm."""
 
 import os
+import warnings
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')
 
@@ -399,6 +400,73 @@ def test_low_precision_inputs_use_float32_statistics(dtype):
   np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=0.05)
 
 
+_FUNCTIONS = {'batch_norm': (bnjax.batch_norm, bnjax.batch_norm_init), 'batch_renorm': (bnjax.batch_renorm, bnjax.batch_renorm_init)}
+
+
+def test_integer_input_is_normalized_as_float():
+  x = np.arange(16).reshape(8, 2)  # column 0: 0, 2, ..., 14: mean 7, variance 21
+  params, state = bnjax.batch_norm_init(2)
+  y, _ = bnjax.batch_norm(x, params, state, training=True)
+  y_ref, _, _ = np_batch_norm(x, 1.0, 0.0)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y[0, 0], -7 / np.sqrt(21 + EPS), rtol=1e-6)  # -1.5275, not int32's -1
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('dtype', [np.int32, np.int64, np.uint8, np.bool_])
+@pytest.mark.parametrize('name', _FUNCTIONS)
+def test_integer_and_bool_input_equals_the_float32_computation(name, dtype, training):
+  fn, init = _FUNCTIONS[name]
+  x = (np.arange(12 * 3).reshape(12, 3) * 7 % (2 if dtype == np.bool_ else 11)).astype(dtype)
+  _, state = init(3)
+  state = jax.tree.map(lambda a: a + 1 if a.ndim else a, state)  # moving statistics other than 0 and 1
+  params = _params(3)
+  y, new_state = fn(x, params, state, training=training, momentum=0.5)
+  y_ref, state_ref = fn(x.astype(np.float32), params, state, training=training, momentum=0.5)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(y, y_ref)
+  jax.tree.map(np.testing.assert_array_equal, new_state, state_ref)
+  # The state keeps its dtypes: float32 statistics, int32 step.
+  assert [a.dtype for a in jax.tree.leaves(new_state)] == [a.dtype for a in jax.tree.leaves(state)]
+
+
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('name', _FUNCTIONS)
+def test_complex_input_is_rejected_with_a_clear_error(name, training):
+  fn, init = _FUNCTIONS[name]
+  params, state = init(4)
+  x = jnp.ones((8, 4), jnp.complex64)
+  with pytest.raises(ValueError, match=rf'{name}: x has dtype complex64; expected real numbers.*jnp.real\(x\)'):
+    fn(x, params, state, training=training)
+
+
+@pytest.mark.parametrize('call', ['eager', 'jit_argument', 'jit_closure'])
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('name', _FUNCTIONS)
+def test_float64_numpy_input_emits_no_dtype_warning(name, training, call):
+  if jax.config.jax_enable_x64:
+    pytest.skip('float64 is available: nothing is truncated')
+  fn, init = _FUNCTIONS[name]
+  x = _data((16, 4)).astype(np.float64)
+  params = {key: value.astype(np.float64) for key, value in _params(4).items()}
+  _, state = init(4)
+  run = lambda x: fn(x, params, state, training=training)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    if call == 'eager':
+      y, new_state = run(x)
+    elif call == 'jit_argument':
+      y, new_state = jax.jit(run)(x)
+    else:
+      y, new_state = jax.jit(lambda: run(x))()
+  assert not caught, [str(w.message) for w in caught]
+  y_ref, state_ref = fn(x.astype(np.float32), _params(4), state, training=training)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new_state, state_ref)
+
+
 def test_variance_is_exact_for_inputs_with_a_large_mean():
   rng = np.random.default_rng(0)
   x = (1e4 + rng.normal(0, 1, (512, 16))).astype(np.float32)
@@ -531,6 +599,45 @@ def test_params_of_the_wrong_size_are_rejected():
   params = dict(params, scale=jnp.ones(3))
   with pytest.raises(ValueError, match=r"params\['scale'\] has shape \(3,\)"):
     bnjax.batch_norm(jnp.zeros((8, 4)), params, state, training=True)
+
+
+_FIELDS = [
+    (name, field)
+    for name, (_, init) in _FUNCTIONS.items()
+    for field in init(1)[1]._fields + ('scale', 'bias')
+]
+
+
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('name, field', _FIELDS, ids=[f'{n}-{f}' for n, f in _FIELDS])
+def test_every_state_field_and_param_of_the_wrong_shape_gets_a_clear_error(name, field, training):
+  fn, init = _FUNCTIONS[name]
+  params, state = init(4)
+  if field in params:
+    params = dict(params, **{field: jnp.ones(3)})
+    message = rf"{name}: params\['{field}'\] has shape \(3,\), expected \(4,\)"
+  elif field in ('step', 'decay_product'):
+    state = state._replace(**{field: jnp.zeros(2, getattr(state, field).dtype)})
+    message = rf'{name}: state\.{field} has shape \(2,\), expected \(\)'
+  else:
+    state = state._replace(**{field: jnp.ones(3)})
+    message = rf'{name}: state\.{field} has shape \(3,\), expected \(4,\).*{name}_init\(4\)'
+  with pytest.raises(ValueError, match=message):
+    fn(jnp.zeros((8, 4)), params, state, training=training)
+  with pytest.raises(ValueError, match=message):  # at trace time
+    jax.jit(lambda x: fn(x, params, state, training=training))(jnp.zeros((8, 4)))
+
+
+def test_params_and_state_for_another_feature_size_say_so():
+  params, state = bnjax.batch_norm_init(5)
+  with pytest.raises(ValueError, match=r'x has 4 features on axis -1 \(shape \(8, 4\)\) but params and state have shape \(5,\).*batch_norm_init\(4\)'):
+    bnjax.batch_norm(jnp.zeros((8, 4)), params, state, training=True)
+
+
+def test_a_state_of_the_other_kind_is_rejected():
+  params, state = bnjax.batch_norm_init(4)
+  with pytest.raises(ValueError, match=r"batch_renorm: state is a BatchNormState without \['std', 'renorm_mean', 'renorm_std'\]; expected a BatchRenormState"):
+    bnjax.batch_renorm(jnp.zeros((8, 4)), params, state, training=True)
 
 
 def test_vmap_over_epsilon():

@@ -64,3 +64,40 @@ def test_second_order_gradients_equal_autodiff(masked):
   np.testing.assert_allclose(
       hessian_vector_product(_closed_form), hessian_vector_product(_autodiff_reference), rtol=1e-3, atol=1e-3
   )
+
+
+def _user_norm(x, multiplier, offset, axis_name=None):
+  """A norm function built on `normalize` that does not pass `mapped`: statistics over `axis_name` too."""
+  m = moments.batch_moments(x, (0,), axis_name=axis_name)
+  return normalize(x, m, multiplier, offset, None, reduce_axes=(0,), epsilon=EPS)
+
+
+def test_gradients_under_a_named_vmap_need_no_mapped_argument():
+  # Statistics over the named axis: the closed form would sum over each instance only.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(1.0, 2.0, (32, 6)), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  a, b = jnp.asarray(rng.uniform(0.5, 2.0, (1, 6)), jnp.float32), jnp.asarray(rng.normal(size=(1, 6)), jnp.float32)
+  loss = lambda x, a, b, dy, axis_name=None: jnp.sum(_user_norm(x, a, b, axis_name) * dy)
+  want = jax.grad(loss, (0, 1, 2))(x, a, b, dy)
+  dx, da, db = jax.vmap(
+      lambda x, dy: jax.grad(loss, (0, 1, 2))(x, a, b, dy, 'i'), axis_name='i'
+  )(x.reshape(4, 8, 6), dy.reshape(4, 8, 6))
+  np.testing.assert_allclose(dx.reshape(32, 6), want[0], rtol=1e-4, atol=1e-4)
+  # Each instance holds the gradient of its own loss; together, that of the whole batch.
+  np.testing.assert_allclose(da.sum(0), want[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(db.sum(0), want[2], rtol=1e-4, atol=1e-4)
+
+
+def test_closed_form_runs_outside_named_axes_only():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 8, 3)), jnp.float32)
+  a, b = jnp.ones((1, 3)), jnp.zeros((1, 3))
+  uses_closed_form = lambda f: 'custom_vjp_call' in str(jax.make_jaxpr(f)(x))
+  assert uses_closed_form(lambda x: _user_norm(x[0], a, b))
+  assert uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b)))  # independent instances
+  assert not uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b), axis_name='i'))
+  assert not uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b, 'i'), axis_name='i'))
+  # `mapped` still works: True forces autodiff anywhere, False cannot force the closed form under a named axis.
+  m = moments.batch_moments(x[0], (0,))
+  assert not uses_closed_form(lambda x: normalize(x[0], m, a, b, None, reduce_axes=(0,), epsilon=EPS, mapped=True))
+  assert uses_closed_form(lambda x: normalize(x[0], m, a, b, None, reduce_axes=(0,), epsilon=EPS, mapped=False))

@@ -1,4 +1,5 @@
-"""Run with 8 forced CPU devices: bnjax statistics under shard_map equal those of the whole batch.
+"""Run with 8 forced CPU devices: bnjax statistics under shard_map equal those of the whole batch,
+and `normalize` (used without `mapped`) gives the values and gradients of one device.
 
 Prints one line per check and exits non-zero on the first mismatch. Used by
 tests/test_norm_sharded.py in a subprocess (XLA_FLAGS must be set before jax
@@ -13,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 import bnjax
+from bnjax.normalize import normalize
 
 DEVICES = 8
 assert jax.device_count() == DEVICES, f'expected {DEVICES} devices, got {jax.device_count()}'
@@ -24,6 +26,32 @@ def sharded(fn, n_args):
   return jax.jit(
       jax.shard_map(fn, mesh=mesh, in_specs=(P('batch'),) * n_args, out_specs=(P('batch'), P()))
   )
+
+
+def user_norm(x, params, axis_name=None, **normalize_options):
+  """A norm function built from bnjax's parts, as a user would: global statistics, then `normalize`.
+
+  It does not tell `normalize` that it runs under a mapped axis (no `mapped`).
+  """
+  reduce_axes = tuple(range(x.ndim - 1))
+  moments = bnjax.batch_moments(x, reduce_axes, axis_name=axis_name)
+  scale, bias = (params[k].reshape((1,) * (x.ndim - 1) + (-1,)) for k in ('scale', 'bias'))
+  return normalize(x, moments, scale, bias, None, reduce_axes=reduce_axes, epsilon=1e-3, **normalize_options)
+
+
+def output_and_gradients(norm_fn, x, params, dy):
+  """`(y, (dx, dparams))` of the loss `sum(norm_fn(x, params) * dy)`."""
+  loss = lambda x, p: (jnp.sum(norm_fn(x, p) * dy), norm_fn(x, p))
+  (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+  return y, grads
+
+
+def sharded_output_and_gradients(norm_fn, x, dy):
+  """`output_and_gradients` on each device's shard; params replicated (their gradients summed by shard_map)."""
+  return jax.jit(jax.shard_map(
+      lambda x, dy: output_and_gradients(norm_fn, x, params, dy),
+      mesh=mesh, in_specs=(P('batch'), P('batch')), out_specs=(P('batch'), (P('batch'), P())),
+  ))(x, dy)
 
 
 def check(name, got, want, tol=1e-5):
@@ -96,6 +124,22 @@ for shape in [(64, 12), (16, 4, 4, 12)]:
       mesh=mesh, in_specs=(P('batch'), P('batch')), out_specs=(P('batch'), P()),
   ))(x, dy)
   check(f'ghost batch norm gradients per device {shape}', ghost_grads, ghost_grad_ref, tol=1e-4)
+
+  # A new norm function built on `normalize` needs no `mapped=True` under shard_map:
+  # normalize sees the mapped axis itself. `mapped` is still accepted.
+  want = output_and_gradients(user_norm, x, params, dy)
+  got = sharded_output_and_gradients(lambda x, p: user_norm(x, p, 'batch'), x, dy)
+  check(f'normalize without mapped under shard_map {shape}', got, want, tol=1e-4)
+  for mapped in (True, False):
+    got = sharded_output_and_gradients(lambda x, p: user_norm(x, p, 'batch', mapped=mapped), x, dy)
+    check(f'normalize mapped={mapped} under shard_map {shape}', got, want, tol=1e-4)
+
+  # Per-device batch norm (no axis_name) under shard_map is ghost BN over the device batches.
+  want = output_and_gradients(
+      lambda x, p: bnjax.batch_norm(x, p, state, training=True, virtual_batch_size=per_device)[0], x, params, dy
+  )
+  got = sharded_output_and_gradients(lambda x, p: bnjax.batch_norm(x, p, state, training=True)[0], x, dy)
+  check(f'per-device batch_norm without axis_name under shard_map {shape}', got, want, tol=1e-4)
 
   # vmap with an axis name is the same mechanism.
   xs = x.reshape((DEVICES, per_device) + shape[1:])
