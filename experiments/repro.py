@@ -4,11 +4,14 @@ r"""The reproductions of docs/results.md (old entry point: the same as experimen
     python experiments/repro.py --study=renorm --budget=full --epochs=10
 """
 
-import runpy
+import importlib.util
 import sys
 from pathlib import Path
 
 if __name__ == '__main__':
   sys.argv = [a if not a.startswith('--study=') or a == '--study=all' else f'--study=repro_{a[len("--study="):]}'
               for a in sys.argv]
-  runpy.run_path(str(Path(__file__).with_name('study.py')), run_name='__main__')
+  spec = importlib.util.spec_from_file_location('study', Path(__file__).with_name('study.py'))
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  study.cli.run(study.main)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from bnjax.lab import cli, studies
 
@@ -61,7 +62,7 @@ def main(argv):
     raise ValueError('settings apply to one study; name it with --study.')
   for name in names:
     studies.settings_for(name, FLAGS.budget, overrides)  # every setting checked before any work
-  command = ' '.join(shlex.quote(a) for a in ['python', 'experiments/study.py'] + sys.argv[1:])
+  command = ' '.join(shlex.quote(a) for a in ['python', f'experiments/{Path(sys.argv[0]).name}'] + sys.argv[1:])
   for name in names:
     results = studies.run_study(name, FLAGS.out, budget=FLAGS.budget, overrides=overrides,
                                 data_dir=FLAGS.data_dir, command=command)
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(cli.one_line_errors(main))
+  cli.run(main)

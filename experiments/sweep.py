@@ -18,9 +18,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from bnjax.lab import cli, studies, sweep
+from bnjax.lab import cli, loop, storage, studies, sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('preset', None, 'A grid study: ' + '; '.join(
@@ -31,6 +31,14 @@ flags.DEFINE_bool('dry_run', False, 'List the runs and their grouping, train not
 flags.DEFINE_integer('max_group_size', None, 'At most this many runs per vmapped program (memory).')
 flags.DEFINE_bool('report', True, 'Write report.md and its plots at the end.')
 flags.DEFINE_integer('interrupt_after_groups', None, 'Fault injection: exit with status 3 after this many groups.')
+flags.DEFINE_integer('interrupt_after_epoch', None, "Fault injection: exit with status 3 after this epoch's checkpoint "
+                     'of the first group.')
+flags.DEFINE_integer('num_workers', None, 'Independent workers sharing --sweep_dir (default: $SLURM_ARRAY_TASK_COUNT, '
+                     'else 1): each claims a group before training it, so no group trains twice.')
+flags.DEFINE_integer('worker_index', None, "This worker's index in [0, --num_workers) (default: from "
+                     '$SLURM_ARRAY_TASK_ID, else 0).')
+flags.DEFINE_float('claim_timeout', sweep.CLAIM_TIMEOUT, 'Seconds without a heartbeat after which a group claimed by '
+                   'a worker is taken over (the worker died); it resumes from its checkpoint.')
 cli.define_option_flags(lists=True)
 
 
@@ -48,6 +56,9 @@ def main(argv):
   if FLAGS.max_group_size is not None and FLAGS.max_group_size < 1:
     raise ValueError(f'--max_group_size={FLAGS.max_group_size} is invalid: expected a positive integer (or unset '
                      'for no cap).')
+  num_workers, worker_index = storage.resolve_workers(FLAGS.num_workers, FLAGS.worker_index)
+  if FLAGS.claim_timeout <= 0:
+    raise ValueError(f'--claim_timeout={FLAGS.claim_timeout} is invalid: expected a number of seconds > 0.')
   given = grid_flags()
   finalize = None
   if FLAGS.preset:
@@ -57,7 +68,7 @@ def main(argv):
     settings = studies.settings_for(FLAGS.preset, 'cpu', {k: v if len(v) > 1 else v[0] for k, v in given.items()})
     finalize = study.finalize
     given = {k: v if isinstance(v, list) else [v] for k, v in settings.items()}
-  base = studies.config_lib.make({k: v[0] for k, v in given.items() if len(v) == 1})
+  base = studies.config_lib.unchecked({k: v[0] for k, v in given.items() if len(v) == 1})
   grid = {k: v for k, v in given.items() if len(v) > 1}
   configs, notes = sweep.expand_grid(base, grid, finalize)
   if not configs:
@@ -75,14 +86,20 @@ def main(argv):
     return 0
   try:
     records = sweep.run_sweep(configs, sweep_dir, command=command, max_group_size=FLAGS.max_group_size,
-                              interrupt_after_groups=FLAGS.interrupt_after_groups, report=FLAGS.report)
-  except sweep.Interrupted as error:
+                              interrupt_after_groups=FLAGS.interrupt_after_groups,
+                              interrupt_after_epoch=FLAGS.interrupt_after_epoch, report=FLAGS.report,
+                              num_workers=num_workers, worker_index=worker_index, claim_timeout=FLAGS.claim_timeout)
+  except (sweep.Interrupted, loop.Interrupted) as error:
     print(error)
     return 3
+  if len(records) < len(configs):
+    print(f'{len(configs) - len(records)} run(s) still training in other workers; the last worker to finish writes '
+          'the complete results.csv')
+    return 0
   statuses = [r['status'] for r in records]
   print(f'{sweep_dir / "results.csv"}: ' + ', '.join(f'{statuses.count(s)} {s}' for s in sorted(set(statuses))))
   return 0 if all(s == sweep.STATUS_COMPLETED for s in statuses) else 1
 
 
 if __name__ == '__main__':
-  app.run(cli.one_line_errors(main))
+  cli.run(main)

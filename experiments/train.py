@@ -19,7 +19,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bnjax.lab import cli
 from bnjax.lab import config as config_lib
@@ -50,10 +50,11 @@ def main(argv):
   if FLAGS.resume and 'workdir' not in settings:
     raise ValueError('--resume needs the --workdir of the run to continue.')
   if FLAGS.preset is not None:
-    study = studies.get(FLAGS.preset)
-    if study.name not in ('mnist_plain_vs_bn', 'cifar_cnn'):
+    name = studies.ALIASES.get(FLAGS.preset, FLAGS.preset)
+    if name not in studies.PRESET_VARIANTS:
       raise ValueError(f'--preset={FLAGS.preset!r} is invalid: expected mnist_plain_vs_bn (seed000) or cifar_cnn '
-                       f'(seed003); studies and sweeps run with experiments/study.py.')
+                       f'(seed003); the other studies run with experiments/study.py.')
+    study = studies.get(name)
     root = Path(settings.pop('workdir', None) or default_workdir(FLAGS.preset, settings))
     configs = {name: config_lib.make({**study.budgets['cpu'], **fields, **settings})
                for name, fields in studies.PRESET_VARIANTS[study.name].items()}
@@ -112,4 +113,4 @@ def train(configs: dict, root: Path) -> int:
 
 
 if __name__ == '__main__':
-  app.run(cli.one_line_errors(main))
+  cli.run(main)

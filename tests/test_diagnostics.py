@@ -21,7 +21,7 @@ def _init(model, images):
 
 
 def test_without_dropout_or_norm_train_and_inference_agree_exactly():
-  model = models.Net(layers=WIDTHS, norm='none')
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='none')
   images = _images(512)
   shift = diagnostics.variance_shift(model, _init(model, images), images, jax.random.PRNGKey(2))
   np.testing.assert_allclose(shift['train_over_eval'], 1.0, rtol=1e-6)
@@ -31,7 +31,7 @@ def test_without_dropout_or_norm_train_and_inference_agree_exactly():
 @pytest.mark.parametrize('rate', [0.2, 0.5])
 def test_dropout_before_norm_shifts_the_variance_as_its_closed_form(rate):
   # Inverted dropout on z: Var_train = E[z^2] / (1 - p) - E[z]^2, against Var_eval = Var[z].
-  model = models.Net(layers=WIDTHS, norm='none', dropout_placement='before_norm', dropout_rate=rate)
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='none', dropout_placement='before_norm', dropout_rate=rate)
   images = _images()
   variables = _init(model, images)
   shift = diagnostics.variance_shift(model, variables, images, jax.random.PRNGKey(3))
@@ -44,7 +44,7 @@ def test_dropout_before_norm_shifts_the_variance_as_its_closed_form(rate):
 
 
 def test_dropout_at_the_end_leaves_every_norm_input_unshifted():
-  model = models.Net(layers=WIDTHS, norm='none', dropout_placement='end', dropout_rate=0.5)
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='none', dropout_placement='end', dropout_rate=0.5)
   images = _images(512)
   shift = diagnostics.variance_shift(model, _init(model, images), images, jax.random.PRNGKey(4))
   np.testing.assert_allclose(shift['train_over_eval'], 1.0, rtol=1e-6)
@@ -52,7 +52,7 @@ def test_dropout_at_the_end_leaves_every_norm_input_unshifted():
 
 def test_moving_statistics_of_the_same_batch_make_both_ratios_one():
   # Momentum 0: the moving statistics are the last batch's, so inference on that batch is training.
-  model = models.Net(layers=WIDTHS, norm='bn', momentum=0.0)
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='bn', momentum=0.0)
   images = _images(1024)
   variables = diagnostics.with_batch_statistics(model, _init(model, images), images)
   shift = diagnostics.variance_shift(model, variables, images, jax.random.PRNGKey(5))
@@ -61,7 +61,7 @@ def test_moving_statistics_of_the_same_batch_make_both_ratios_one():
 
 
 def test_stale_moving_variance_shows_in_the_moving_ratio():
-  model = models.Net(layers=WIDTHS, norm='bn', momentum=0.0)
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='bn', momentum=0.0)
   images = _images(1024)
   variables = diagnostics.with_batch_statistics(model, _init(model, images), images)
   stats = dict(variables['batch_stats'])
@@ -74,7 +74,7 @@ def test_stale_moving_variance_shows_in_the_moving_ratio():
 
 
 def test_variance_shift_works_under_jit_and_vmap_over_runs():
-  model = models.Net(layers=WIDTHS, norm='bn', dropout_placement='before_norm', dropout_rate=0.5)
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='bn', dropout_placement='before_norm', dropout_rate=0.5)
   images = _images(256)
   stacked = jax.vmap(lambda key: model.init(key, images[:2], train=False))(jax.random.split(jax.random.PRNGKey(0), 3))
   shifts = jax.jit(jax.vmap(lambda v, key: diagnostics.variance_shift(model, v, images, key)))(
@@ -84,7 +84,7 @@ def test_variance_shift_works_under_jit_and_vmap_over_runs():
 
 
 def test_activation_percentiles_are_the_last_blocks_pre_activation_percentiles():
-  model = models.Net(layers=WIDTHS, norm='none', activation='sigmoid')
+  model = models.get('mnist_mlp', layers=WIDTHS, norm='none', activation='sigmoid')
   images = _images(1000)
   variables = _init(model, images)
   got = diagnostics.activation_percentiles(model, variables, images, unit=3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax.lab import models
+from bnjax.lab import models, options
 from bnjax.linen import norm_state
 
 MNIST = (8, 28, 28, 1)
@@ -43,38 +43,39 @@ def _train_apply(model, variables, x, seed=1, mutable=('batch_stats',), **kwargs
 # Registry and counts.
 
 
-def test_registry_names_defaults_and_errors():
-  assert set(models.names()) == {'mlp_seed', 'cnn_seed', 'mlp_bn_paper'}
+def test_registry_names_and_defaults():
+  assert set(models.names()) == {'mnist_mlp', 'cifar_cnn', 'mlp_bn_paper'}
   for name in models.names():
     config = models.defaults(name)
     assert set(config) == {'model', 'train'}
     assert config['train']['dataset'] in ('mnist', 'cifar10')
     assert isinstance(models.get(name, **config['model']), models.Net)
-  config = models.defaults('mlp_seed')
+  config = models.defaults('mlp_seed')  # the old name
   config['train']['batch_size'] = 1
-  assert models.defaults('mlp_seed')['train'] == dict(
+  assert models.defaults('mnist_mlp')['train'] == dict(
       dataset='mnist', optimizer='adam', learning_rate=1e-3, batch_size=500, epochs=20
   )
   assert models.defaults('cnn_seed')['train']['learning_rate'] == 1e-4
   assert models.defaults('mlp_bn_paper')['model']['activation'] == 'sigmoid'
-  with pytest.raises(ValueError, match="'mlp_seed'"):
-    models.get('resnet')
-  with pytest.raises(ValueError, match='dropout_placement'):
-    models.get('mlp_seed', dropout_position='end')
-  with pytest.raises(ValueError, match="'renorm'"):
-    models.get('mlp_seed', norm='layer')
-  with pytest.raises(ValueError, match="'after_norm'"):
-    models.get('mlp_seed', dropout_placement='after')
-  with pytest.raises(ValueError, match="'swish'"):
-    models.get('cnn_seed', activation='gelu')
-  with pytest.raises(ValueError, match='virtual_batch_size'):
-    models.get('mlp_seed', norm='ghost')
-  with pytest.raises(ValueError, match="norm='ghost'"):
-    models.get('mlp_seed', norm='bn', virtual_batch_size=4)
-  with pytest.raises(ValueError, match='dropout_rate'):
-    models.get('mlp_seed', dropout_rate=1.0)
-  with pytest.raises(ValueError, match='layers'):
-    models.get('mlp_seed', layers=(('dense', 0),))
+
+
+INVALID_MODELS = [
+    (('resnet',), {}, "'mnist_mlp'"),
+    (('mlp_seed',), dict(dropout_position='end'), 'dropout_placement'),
+    (('mlp_seed',), dict(norm='batchnorm'), "'renorm'"),
+    (('mlp_seed',), dict(dropout_placement='after'), "'after_norm'"),
+    (('cnn_seed',), dict(activation='gelu'), "'swish'"),
+    (('mlp_seed',), dict(norm='ghost'), 'virtual_batch_size'),
+    (('mlp_seed',), dict(norm='bn', virtual_batch_size=4), "norm='ghost'"),
+    (('mlp_seed',), dict(dropout_rate=1.0), 'dropout_rate'),
+    (('mlp_seed',), dict(layers=(('dense', 0),)), 'layers'),
+]
+
+
+@pytest.mark.parametrize('args, options, message', INVALID_MODELS, ids=[m for _, _, m in INVALID_MODELS])
+def test_invalid_models_are_rejected_naming_the_option(args, options, message):
+  with pytest.raises(ValueError, match=message):
+    models.get(*args, **options)
 
 
 # Keras's counts for the source's models (trainable, moving statistics).
@@ -138,7 +139,7 @@ def test_center_scale_off_leave_norm_params_out():
 
 
 def _norm_options(norm):
-  return GHOST if norm == 'ghost' else {}
+  return {'ghost': GHOST, 'group': dict(num_groups=4)}.get(norm, {})  # 4 groups divide the tiny widths
 
 
 def _grad_fn(model, x):
@@ -161,7 +162,7 @@ def _check_jit_grad(model, x, norm):
   assert jax.tree.structure(grads) == jax.tree.structure(variables['params'])
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert np.any(grads['head']['kernel'] != 0) and np.any(grads['linear_0']['kernel'] != 0)
-  if norm == 'none':
+  if not options.NORM_KINDS[norm].moving_statistics:
     assert 'batch_stats' not in variables
   else:
     assert all(int(stats['step']) == 1 for stats in updates['batch_stats'].values())

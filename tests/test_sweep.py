@@ -12,14 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.lab import build, engine, experiment, sweep
+from bnjax.lab import build, engine, experiment, loop, sweep
+from bnjax.lab import config as C
 from bnjax.lab.config import TrainConfig
 from conftest import REPO
 from fixtures import write_learnable_mnist
 
 
 def tiny(data_dir, **overrides) -> TrainConfig:
-  return TrainConfig(**{**dict(data_dir=data_dir, data_source='files', batch_size=100, epochs=1, progress_updates=1,
+  return TrainConfig(**{**dict(data_dir=str(data_dir), data_source='files', batch_size=100, epochs=1, progress_updates=1,
                                 checkpoint_every=0), **overrides})
 
 
@@ -180,8 +181,27 @@ def test_sweep_writes_results_records_errors_and_resumes(data_dir, tmp_path):
   sweep.run_sweep(configs, tmp_path, report=False, log=log.append)
   after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs').iterdir()}
   failed = f'{sweep.run_id(configs[-1])}.json'
-  assert {k: v for k, v in before.items() if k != failed} == {k: v for k, v in after.items() if k != failed}
+  kept = lambda files: {k: v for k, v in files.items() if k not in (failed, failed[:-len('.json')])}
+  assert kept(before) == kept(after)
   assert after[failed] != before[failed] and '4 already finished, 1 to train' in ''.join(log)
+
+
+def test_a_sweep_killed_mid_group_resumes_that_group_to_the_same_numbers(data_dir, tmp_path):
+  configs, _ = sweep.expand_grid(tiny(data_dir, epochs=3, optimizer='adam'), {'momentum': [0.6, 0.9]})
+  whole = sweep.run_sweep(configs, tmp_path / 'whole', report=False, log=lambda m: None)
+  with pytest.raises(loop.Interrupted):
+    sweep.run_sweep(configs, tmp_path / 'cut', interrupt_after_epoch=2, report=False, log=lambda m: None)
+  assert list((tmp_path / 'cut' / 'groups').iterdir())  # the group's checkpoint
+  log = []
+  resumed = sweep.run_sweep(configs, tmp_path / 'cut', report=False, log=log.append)
+  assert 'group resumed from the checkpoint of epoch 2' in ''.join(log)
+  drop_time = lambda h: [{k: v for k, v in m.items() if 'second' not in k} for m in h]
+  for a, b in zip(whole, resumed):
+    assert drop_time(a['history']) == drop_time(b['history'])
+    assert a['test_accuracy_moving_stats'] == b['test_accuracy_moving_stats']
+  assert not (tmp_path / 'cut' / 'groups').exists() or not list((tmp_path / 'cut' / 'groups').iterdir())
+  lines = (tmp_path / 'cut' / 'runs' / sweep.run_id(configs[0]) / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == 3  # the lane's metrics: the kept epochs and the resumed ones, once each
 
 
 # ----------------------------------------------------------------------------

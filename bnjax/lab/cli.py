@@ -2,7 +2,7 @@
 
     define_option_flags(lists=False)     # --batch_size=500 ... (one typed flag per option)
     define_option_flags(lists=True)      # --batch_size=32,500 ... (values of a grid)
-    main = one_line_errors(main)         # ValueError, data and disk errors -> 'error: ...', exit 2 or 1
+    run(main)                            # flags parsed; user errors -> one line 'error: ...', exit 2 or 1
 
 Every option of `bnjax.lab.options.OPTIONS` becomes a flag of the same name,
 with its help text, default and choices: adding an option adds its flag.
@@ -61,9 +61,10 @@ def _message(error: BaseException) -> tuple[str, int]:
   """The one line and exit code for an error a user can fix."""
   from bnjax.lab.rundir import RunDirError
 
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    where = f' writing {error.filename}' if error.filename else ''
-    return f'the disk is full{where}: free some space or choose another --workdir.', EXIT_FAILURE
+  if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or 'No space left on device' in str(error):
+    where = f' writing {error.filename}' if getattr(error, 'filename', None) else ''
+    detail = f' ({error.strerror})' if getattr(error, 'strerror', None) else ''
+    return f'the disk is full{where}{detail}: free some space or choose another --workdir.', EXIT_FAILURE
   if isinstance(error, PermissionError):
     return f'permission denied: {error.filename or error}: check the file or folder\'s permissions.', EXIT_FAILURE
   if isinstance(error, RunDirError):
@@ -94,3 +95,19 @@ def one_line_errors(main: Callable) -> Callable:
       return code
 
   return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad or unknown flag as one line and exit 2 (no help text)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    print(f'error: {" ".join(str(error).split())} (--helpfull lists the flags)', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def run(main: Callable) -> None:
+  """`absl.app.run` of `main` with one-line errors for flags (`parse_flags`) and for what `main` raises."""
+  from absl import app
+
+  app.run(one_line_errors(main), flags_parser=parse_flags)

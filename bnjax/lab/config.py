@@ -247,18 +247,26 @@ def validate(config):
             '(ghost batches do not straddle devices)')
   if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or 1 << 30):
     _fail('process_id', config.process_id, f'an integer in [0, --num_processes={config.num_processes})')
+  if config.freeze_bn_after is not None and config.steps is None and config.freeze_bn_after >= config.epochs:
+    _fail('freeze_bn_after', config.freeze_bn_after, f'fewer than the --epochs={config.epochs} of the run')
   if config.lr_warmup_steps and config.lr_schedule == 'step':
     _fail('lr_warmup_steps', config.lr_warmup_steps, '0 with --lr_schedule=step')
   return config
 
 
-def make(settings: dict[str, Any] | None = None, *, base=None):
-  """A validated config from `{name: value}` over `base` (default: the defaults); unknown names are an error."""
+def unchecked(settings: dict[str, Any] | None = None, *, base=None):
+  """A config from `{name: value}` over `base` (default: the defaults), not validated (a sweep's base: its
+  grid completes it); unknown names are an error."""
   settings = dict(settings or {})
   unknown = sorted(set(settings) - set(FIELDS))
   if unknown:
     raise ValueError(f'unknown settings {unknown}; the settings are {list(FIELDS)}.')
-  return validate(dataclasses.replace(base or DEFAULTS, **settings))
+  return dataclasses.replace(base or DEFAULTS, **settings)
+
+
+def make(settings: dict[str, Any] | None = None, *, base=None):
+  """A validated config from `{name: value}` over `base` (default: the defaults); unknown names are an error."""
+  return validate(unchecked(settings, base=base))
 
 
 def dataset_key(config) -> tuple:

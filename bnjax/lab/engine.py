@@ -107,6 +107,7 @@ def train_step(
     update_stats: bool = True,
     augment: Callable[[Array, Array], Array] | None = None,
     axis_name: str | None = None,
+    freeze_norm: bool = False,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a batch `images [B, ...]`, `labels [B]`.
 
@@ -116,6 +117,8 @@ def train_step(
     update_stats: False reproduces the classic bug: train with batch
       statistics but never keep the updated moving statistics.
     augment: optional `(key, images) -> images`, applied on device.
+    freeze_norm: frozen BN: the norm layers normalize with (and keep) their
+      moving statistics (`bnjax.lab.models.Net`).
     axis_name: data parallelism (see `bnjax.lab.parallel`): the step runs under
       `shard_map` on one shard of the global batch per device along this
       mapped axis, with the state replicated. The loss is the local sum over
@@ -146,6 +149,7 @@ def train_step(
         hparams=hparams,
         rngs={'dropout': dropout_rng},
         mutable=['batch_stats'],
+        **({'freeze_norm': True} if freeze_norm else {}),
     )
     metrics = batch_metrics(logits, labels)
     return metrics.loss_sum / global_batch, (metrics, updates.get('batch_stats', {}))
@@ -228,6 +232,7 @@ def make_train_steps(
     augment: Callable[[Array, Array], Array] | None = None,
     unroll: bool = False,
     axis_name: str | None = None,
+    freeze_norm: bool = False,
 ) -> Callable:
   """`run(state, images, labels, batch_indices [S, B], hparams) -> (state, Metrics)`: S steps in one scan.
 
@@ -237,7 +242,8 @@ def make_train_steps(
   `train_step` (`bnjax.lab.parallel.make_train_steps` wraps this in `shard_map`).
   """
   step = functools.partial(
-      train_step, model, optimizer, update_stats=update_stats, augment=augment, axis_name=axis_name
+      train_step, model, optimizer, update_stats=update_stats, augment=augment, axis_name=axis_name,
+      freeze_norm=freeze_norm,
   )
 
   def run(state, images, labels, batch_indices, hparams=None):

@@ -41,6 +41,7 @@ class Result(NamedTuple):
   histories: list[list[dict]]
   diverged_epoch: list[int | None]
   compile_seconds: float
+  precise_state: Any = None  # with --precise_bn: the state with the last evaluation's precise statistics
 
 
 def _add(totals, part):
@@ -54,8 +55,10 @@ def _warm_up(program, chunk: int) -> float:
   sample = program.epoch_batches(program.state, 0)
   lengths = {min(chunk, plan.steps_per_epoch), plan.steps_per_epoch % chunk,
              plan.total_steps % plan.steps_per_epoch % chunk}
+  freezes = program.configs[0].freeze_bn_after is not None
   for length in sorted(l for l in lengths if l):
-    program.compile_chunk(program.state, sample[..., :length, :])
+    for frozen in (False, True) if freezes else (False,):
+      program.compile_chunk(program.state, sample[..., :length, :], frozen)
   return time.perf_counter() - start
 
 
@@ -95,18 +98,24 @@ def train(
   chunk = 1 if program.step_loop == 'python' else refresh
   compile_seconds = _warm_up(program, chunk)
   state = program.state
-  batch_size = program.configs[0].batch_size
+  config = program.configs[0]
+  batch_size = config.batch_size
+  precise_state = None
   for epoch in range(start_epoch, plan.num_epochs):
     timer = time.perf_counter()
     steps = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
     batches = program.epoch_batches(state, epoch)[..., :steps, :]
+    frozen = config.freeze_bn_after is not None and epoch >= config.freeze_bn_after
+    if frozen and epoch == config.freeze_bn_after and config.precise_bn:
+      # Wu & Johnson's FrozenBN: the frozen layers keep the population statistics of the weights at the freeze.
+      state = program.precise(state, batches[..., : plan.precise_steps(config), :])
     totals = None
     bar = tqdm(total=steps, desc=f'epoch {epoch + 1}/{plan.num_epochs}', unit='step', leave=False,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     shown = 0
     for begin in range(0, steps, chunk):
       part = batches[..., begin : begin + chunk, :]
-      state, metrics = program.train_chunk(state, part)
+      state, metrics = program.train_chunk(state, part, frozen)
       totals = _add(totals, metrics)
       done = begin + part.shape[-2]
       if done - shown >= refresh or done == steps:
@@ -122,11 +131,17 @@ def train(
     for lane in range(k):
       if diverged[lane] is None and not math.isfinite(float(train_loss[lane])):
         diverged[lane] = epoch + 1
+        if lane >= len(program.runs):
+          continue  # a padding lane
         log(f'{_lane_name(program, lane)}diverged in epoch {epoch + 1}: training loss is {float(train_loss[lane])} '
             '(try a smaller --learning_rate)')
-    if all(d is not None for d in diverged):
+    if all(d is not None for d in diverged[: len(program.runs)]):
       break
-    val = program.evaluate(state, 'val', program.configs[0].eval_stats)
+    if config.precise_bn:
+      precise_state = program.precise(state, batches[..., : plan.precise_steps(config), :])
+      val = program.evaluate(precise_state, 'val', 'moving')
+    else:
+      val = program.evaluate(state, 'val', config.eval_stats)
     val_loss, val_accuracy = np.asarray(val.mean_loss()), np.asarray(val.accuracy())
     eval_seconds = time.perf_counter() - timer - train_seconds
     for lane in range(k):
@@ -140,7 +155,7 @@ def train(
           'eval_seconds': eval_seconds,
       }
       histories[lane].append(metrics)
-      if sinks:
+      if sinks and lane < len(sinks):
         sinks[lane](metrics)
     if k == 1:
       m = histories[0][-1]
@@ -153,7 +168,7 @@ def train(
     if interrupt_after_epoch is not None and epoch + 1 == interrupt_after_epoch and not last:
       raise Interrupted(f'interrupted after epoch {epoch + 1} (fault injection)')
   program.state = state
-  return Result(state, histories, diverged, compile_seconds)
+  return Result(state, histories, diverged, compile_seconds, precise_state)
 
 
 def _lane_name(program, lane: int) -> str:
@@ -172,9 +187,11 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
   tests = variance = None
   if any(live):
     tests = {stats: program.evaluate(result.state, 'test', stats) for stats in ('moving', 'batch')}
+    if result.precise_state is not None:
+      tests['precise'] = program.evaluate(result.precise_state, 'test', 'moving')
     variance = program.variance_shift(result.state)
   summaries = []
-  for lane, config in enumerate(program.configs):
+  for lane, config in enumerate(program.runs):
     history = result.histories[lane]
     summary: dict[str, Any] = {
         'epochs_completed': len(history), 'steps': history[-1]['step'] if history else 0,
@@ -187,7 +204,7 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
     else:
       moving = float(tests['moving'].accuracy()[lane])
       batch = float(tests['batch'].accuracy()[lane])
-      chosen = tests['batch' if config.eval_stats == 'batch' else 'moving']
+      chosen = tests['precise' if 'precise' in tests else 'batch' if config.eval_stats == 'batch' else 'moving']
       summary.update(
           status=STATUS_COMPLETED,
           test_accuracy=float(chosen.accuracy()[lane]), test_loss=float(chosen.mean_loss()[lane]),
@@ -195,6 +212,8 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
           test_accuracy_batch_stats=batch if moving_statistics else None,
           stats_gap=batch - moving if moving_statistics else None,
       )
+      if 'precise' in tests:
+        summary['test_accuracy_precise_stats'] = float(tests['precise'].accuracy()[lane])
       summary.update(diagnostics.shift_summary(jax.tree.map(lambda v: v[lane], variance)))
     if history:
       best = max(history, key=lambda m: m['val_accuracy'])

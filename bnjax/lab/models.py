@@ -212,6 +212,9 @@ class Net(nn.Module):
   uses batch statistics (`batch_stats` must be mutable) and dropout (rng
   collection 'dropout'). `hparams`: values that override the options named in
   `HPARAMS`. `probe_unit`: the unit whose percentiles the probes take.
+  `freeze_norm=True` (with `train`): frozen BN (Wu & Johnson 2021): the norm
+  layers normalize with their moving statistics and leave them unchanged,
+  while dropout still trains.
 
   The norm layer comes from the norm kind's table entry
   (`bnjax.lab.options.NORM_KINDS`); `norm_options` holds the norm options
@@ -258,6 +261,11 @@ class Net(nn.Module):
     """The ghost batch size of the norm layers (None: whole batches)."""
     return self.norm_options.get('virtual_batch_size')
 
+  @property
+  def epsilon(self) -> float:
+    """The norm layers' epsilon."""
+    return self.norm_options.get('epsilon', options_lib.OPTIONS['epsilon'].default)
+
   def _values(self, hparams: Mapping | None) -> dict:
     hparams = dict(hparams or {})
     unknown = sorted(set(hparams) - set(HPARAMS))
@@ -282,7 +290,7 @@ class Net(nn.Module):
       return x
     return dropout(x, rate, self.make_rng('dropout'))
 
-  def _block(self, index, step, x, train, values, probe_unit) -> Array:
+  def _block(self, index, step, x, train, values, probe_unit, freeze_norm=False) -> Array:
     """Linear -> [dropout] -> norm -> activation (or linear -> activation -> [dropout] -> norm) -> [dropout]."""
     kind, features = step
     kernel_init = KERNEL_INITS[self.kernel_init]
@@ -300,7 +308,7 @@ class Net(nn.Module):
         if self.dropout_placement == 'before_norm':
           x = self._dropout(x, train, values['dropout_rate'])
         probes['norm_input'] = x
-        x = norm(x, not train)
+        x = norm(x, not train or freeze_norm)
       else:
         probes['activation_input'] = x
         x = activation(x)
@@ -316,7 +324,8 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: Array, train: bool = False, *, hparams: Mapping | None = None, probe_unit: int = 0
+      self, x: Array, train: bool = False, *, hparams: Mapping | None = None, probe_unit: int = 0,
+      freeze_norm: bool = False,
   ) -> Array:
     values = self._values(hparams)
     num_blocks = sum(step[0] in BLOCK_STEPS for step in self.layers)
@@ -327,7 +336,7 @@ class Net(nn.Module):
       elif step[0] == 'pool':
         x = nn.max_pool(x, (step[1], step[1]), strides=(step[1], step[1]))
       else:
-        x = self._block(index, tuple(step), x, train, values, probe_unit)
+        x = self._block(index, tuple(step), x, train, values, probe_unit, freeze_norm)
         index += 1
         if index == num_blocks and self.dropout_placement == 'end':
           x = self._dropout(x, train, values['dropout_rate'])

@@ -125,8 +125,28 @@ def _batch_renorm_layer(options: dict, name: str):
   return linen.BatchRenorm(**options, name=name)
 
 
+def _group_norm_layer(options: dict, name: str):
+  import flax.linen as nn
+
+  layer = nn.GroupNorm(num_groups=options['num_groups'], epsilon=options['epsilon'], use_bias=options['center'],
+                       use_scale=options['scale'], name=name)
+  return lambda x, use_running_average: layer(x)
+
+
+def _layer_norm_layer(options: dict, name: str):
+  import flax.linen as nn
+
+  layer = nn.LayerNorm(epsilon=options['epsilon'], use_bias=options['center'], use_scale=options['scale'], name=name)
+  return lambda x, use_running_average: layer(x)
+
+
+def _groups_divide(features: int, options: dict) -> str | None:
+  groups = options['num_groups']
+  return None if features % groups == 0 else f'--num_groups={groups} does not divide {features}'
+
+
 MOVING_AVERAGE = ('momentum', 'momentum_schedule', 'momentum_decay_rate', 'momentum_decay_steps', 'momentum_max',
-                  'debias', 'update_stats', 'eval_stats')
+                  'debias', 'update_stats', 'eval_stats', 'precise_bn', 'freeze_bn_after')
 AFFINE = ('epsilon', 'center', 'scale')
 RENORM = ('renorm_momentum', 'rmax', 'dmax', 'renorm_clipping', 'renorm_warmup_steps', 'rmax_end_step',
           'dmax_end_step')
@@ -141,6 +161,10 @@ NORM_KINDS: dict[str, NormKind] = {kind.name: kind for kind in (
     NormKind('renorm', 'batch renormalization (Ioffe 2017); ghost renorm with --virtual_batch_size',
              _batch_renorm_layer, AFFINE + MOVING_AVERAGE + RENORM + ('virtual_batch_size',), moving_statistics=True,
              cross_device=True),
+    NormKind('group', 'group normalization (Wu & He 2018, flax.linen.GroupNorm): statistics per example over '
+             '--num_groups channel groups', _group_norm_layer, AFFINE + ('num_groups',), check_width=_groups_divide),
+    NormKind('layer', 'layer normalization (Ba et al. 2016, flax.linen.LayerNorm): statistics per example over '
+             'its features', _layer_norm_layer, AFFINE),
 )}
 
 
@@ -262,10 +286,20 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
        needs='--renorm_clipping=warmup'),
     _o('virtual_batch_size', int, None, 'Ghost batch size: BN statistics per group of this many examples.', 'norm',
        optional=True, check=_positive, expected='a positive integer', norm_option=True, layer_arg=True),
+    _o('num_groups', int, 32, 'Group norm: channel groups (must divide every layer width).', 'norm',
+       check=_positive, expected='a positive integer', norm_option=True, layer_arg=True),
     _o('update_stats', bool, True, 'Keep the updated moving statistics (false: the classic bug, evaluation then '
        'fails).', 'norm', norm_option=True),
     _o('eval_stats', str, 'moving', "moving: evaluate with the moving statistics (correct); batch: with each test "
        "batch's own.", 'norm', choices=('moving', 'batch'), norm_option=True),
+    _o('precise_bn', int, 0, 'Precise BN (Wu & Johnson 2021): before every evaluation, recompute the population '
+       'statistics of every BN layer from this many training examples under the fixed weights (training-mode '
+       'passes, dropout off); validation then uses them and the summary adds test accuracy with them. 0: off.',
+       'norm', check=_non_negative, expected='a number of examples >= 0 (0: off)', norm_option=True),
+    _o('freeze_bn_after', int, None, 'Frozen BN (Wu & Johnson 2021): after this many epochs the BN layers normalize '
+       'with their moving statistics in training too and stop updating them (with --precise_bn: with the precise '
+       'statistics). Unset: never.', 'norm', optional=True, check=_positive,
+       expected='a positive number of epochs (or unset)', norm_option=True),
     # Optimization.
     _o('optimizer', str, 'adam', 'adam (adamw with --weight_decay) | sgd | momentum.', 'optimizer',
        choices=('adam', 'sgd', 'momentum')),

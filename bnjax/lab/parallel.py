@@ -181,6 +181,7 @@ def make_train_steps(
     update_stats: bool = True,
     augment: Callable | None = None,
     unroll: bool = False,
+    freeze_norm: bool = False,
 ) -> Callable:
   """`engine.make_train_steps`'s `run(state, images, labels, batch_indices [S, B], hparams)`, data-parallel.
 
@@ -192,7 +193,7 @@ def make_train_steps(
   local_batch = per_device_batch(batch_size, mesh.size)
   run = engine.make_train_steps(
       device_model(model, cross_device_stats, local_batch), optimizer,
-      update_stats=update_stats, augment=augment, unroll=unroll, axis_name=AXIS,
+      update_stats=update_stats, augment=augment, unroll=unroll, axis_name=AXIS, freeze_norm=freeze_norm,
   )
   sharded = jax.shard_map(
       run, mesh=mesh, in_specs=(P(), P(), P(), shard_batch_spec(), P()), out_specs=(P(), P())

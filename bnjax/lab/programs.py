@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bnjax.lab import build, diagnostics, engine, parallel
@@ -45,8 +46,16 @@ class Plan(NamedTuple):
 
   @classmethod
   def of(cls, config, num_train: int) -> 'Plan':
-    return cls(build.steps_per_epoch(config, num_train), build.total_steps(config, num_train),
+    plan = cls(build.steps_per_epoch(config, num_train), build.total_steps(config, num_train),
                build.num_epochs(config, num_train))
+    if config.freeze_bn_after is not None and config.freeze_bn_after >= plan.num_epochs:
+      raise ValueError(f'--freeze_bn_after={config.freeze_bn_after} is invalid: expected fewer than the '
+                       f'{plan.num_epochs} epochs of the run.')
+    return plan
+
+  def precise_steps(self, config) -> int:
+    """Batches of an epoch that hold `config.precise_bn` examples (all of the epoch at most)."""
+    return min(self.steps_per_epoch, -(-config.precise_bn // config.batch_size))
 
 
 @dataclasses.dataclass
@@ -58,15 +67,20 @@ class Program:
     state: the current (stacked, for lanes) `TrainState`.
     plan: the run's step counts.
     step_loop: 'scan' or 'python' (see `bnjax.lab.engine`).
-    train_chunk: `(state, batch_indices) -> (state, Metrics[K])` for
-      indices `[K, S, B]` (lanes) or `[S, B]` (single).
-    compile_chunk: `(state, batch_indices) -> None`: compiles `train_chunk`
-      for that many steps without running it (the loop does it before timing).
+    train_chunk: `(state, batch_indices, frozen=False) -> (state, Metrics[K])`
+      for indices `[K, S, B]` (lanes) or `[S, B]` (single); `frozen`: frozen BN.
+    compile_chunk: `(state, batch_indices, frozen=False) -> None`: compiles
+      `train_chunk` for that many steps without running it (the loop does it
+      before timing).
+    precise: `(state, batch_indices) -> state` whose `batch_stats` are the
+      population statistics of the examples of those batches (precise BN,
+      `bnjax.linen.precise_batch_stats`: training-mode passes, dropout off).
     epoch_batches: `(state, epoch) -> indices` of one epoch.
     evaluate: `(state, split, stats) -> Metrics[K]` on 'val' or 'test' with
       'moving' or 'batch' statistics.
     variance_shift: `state -> pytree with leaves [K, ...]` (`bnjax.lab.diagnostics`).
     has_moving_statistics: the norm layers keep moving statistics.
+    padding: lanes added to fill the devices (copies of the last run).
   """
 
   configs: Sequence[Any]
@@ -75,14 +89,22 @@ class Program:
   step_loop: str
   train_chunk: Callable
   compile_chunk: Callable
+  precise: Callable
   epoch_batches: Callable
   evaluate: Callable
   variance_shift: Callable
   has_moving_statistics: bool
+  padding: int = 0
 
   @property
   def num_lanes(self) -> int:
+    """The lanes the program computes (the last `padding` of them fill the devices; their results are dropped)."""
     return len(self.configs)
+
+  @property
+  def runs(self) -> Sequence[Any]:
+    """The configs of the real lanes."""
+    return self.configs[: len(self.configs) - self.padding]
 
 
 def _compiled_by_length(fn: Callable, *static_args) -> Callable:
@@ -121,22 +143,30 @@ def single(config, dataset, *, state=None) -> Program:
   step_loop = engine.step_loop_for(model, config.step_loop)
   options = dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
                  unroll=step_loop == 'python')
-  if mesh is None:
-    steps = engine.make_train_steps(model, optimizer, **options)
-  else:
+  if mesh is not None:
     state = parallel.replicate(state, mesh)
-    steps = parallel.make_train_steps(model, optimizer, mesh, batch_size=config.batch_size,
-                                      cross_device_stats=config.cross_device_stats, **options)
-  train = _compiled_by_length(jax.jit(steps, donate_argnums=0), dataset.train_images, dataset.train_labels)
+
+  def steps_for(frozen: bool):
+    if mesh is None:
+      steps = engine.make_train_steps(model, optimizer, freeze_norm=frozen, **options)
+    else:
+      steps = parallel.make_train_steps(model, optimizer, mesh, batch_size=config.batch_size,
+                                        cross_device_stats=config.cross_device_stats, freeze_norm=frozen, **options)
+    return _compiled_by_length(jax.jit(steps, donate_argnums=0), dataset.train_images, dataset.train_labels)
+
+  train = _by_freezing(steps_for)
   moving_statistics = config_lib.has_moving_statistics(config)
   evaluators = {'moving': jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size))}
   evaluators['batch'] = (jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats='batch'))
                          if moving_statistics else evaluators['moving'])
   batches = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
 
-  def train_chunk(state, indices):
-    state, metrics = train(state, indices)
+  def train_chunk(state, indices, frozen=False):
+    state, metrics = train(frozen)(state, indices)
     return state, _with_lane_axis(metrics)
+
+  precise_jitted = jax.jit(functools.partial(precise_state, model))
+  precise = lambda state, indices: precise_jitted(dataset.train_images, state, indices)
 
   def evaluate(state, split, stats):
     images, labels = _split(dataset, split)
@@ -152,10 +182,35 @@ def single(config, dataset, *, state=None) -> Program:
 
   return Program(
       configs=[config], state=state, plan=plan, step_loop=step_loop, train_chunk=train_chunk,
-      compile_chunk=train.compile_for,
+      compile_chunk=lambda state, indices, frozen=False: train(frozen).compile_for(state, indices),
+      precise=precise,
       epoch_batches=lambda state, epoch: batches(state, epoch, num_train, config.batch_size),
       evaluate=evaluate, variance_shift=variance_shift, has_moving_statistics=moving_statistics,
   )
+
+
+def _by_freezing(make: Callable) -> Callable:
+  """`frozen -> make(frozen)`, each made once, when first needed (most runs never freeze)."""
+  made: dict[bool, Callable] = {}
+
+  def get(frozen: bool):
+    if frozen not in made:
+      made[frozen] = make(frozen)
+    return made[frozen]
+
+  return get
+
+
+def precise_state(model, train_images, state, indices, hparams=None):
+  """`state` with the population statistics of `train_images[indices]` (`[S, B]`) as its `batch_stats`."""
+  from bnjax import linen
+
+  values = dict(hparams or {}, dropout_rate=0.0)  # the inputs each layer sees at inference
+  apply_fn = lambda variables, images, mutable: model.apply(variables, images, train=True, hparams=values,
+                                                            mutable=mutable)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  stats = linen.precise_batch_stats(apply_fn, variables, train_images[indices], num_examples=None)
+  return state._replace(batch_stats=stats)
 
 
 def _split(dataset, split: str):
@@ -200,15 +255,21 @@ def _lane_functions(config, total_steps: int) -> dict:
   model = build.model(config)
   optimizer = group_optimizer(config, total_steps)
   step_loop = engine.step_loop_for(model, config.step_loop)
-  steps = engine.make_train_steps(model, optimizer, update_stats=config.update_stats,
-                                  augment=augment_cifar if config.augment else None, unroll=step_loop == 'python')
   vmapped = lambda fn, axes: jax.jit(jax.vmap(fn, in_axes=axes))
+
+  def train_for(frozen: bool):
+    steps = engine.make_train_steps(model, optimizer, update_stats=config.update_stats, freeze_norm=frozen,
+                                    augment=augment_cifar if config.augment else None, unroll=step_loop == 'python')
+    return jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, 0)), donate_argnums=0)
+
   evaluate = lambda stats: vmapped(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats=stats),
                                    (0, None, None, 0))
   moving_statistics = config_lib.has_moving_statistics(config)
   return dict(
       model=model, optimizer=optimizer, step_loop=step_loop,
-      train=jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, 0)), donate_argnums=0),
+      train=_by_freezing(train_for),
+      precise=vmapped(lambda images, state, indices, hparams: precise_state(model, images, state, indices, hparams),
+                      (None, 0, 0, 0)),
       batches=jax.jit(jax.vmap(engine.epoch_batches, in_axes=(0, None, None, None)), static_argnums=(2, 3)),
       evaluate={'moving': evaluate('moving'), 'batch': evaluate('batch') if moving_statistics else None},
       shift=vmapped(functools.partial(lane_variance_shift, model), (0, None, 0)),
@@ -216,8 +277,28 @@ def _lane_functions(config, total_steps: int) -> dict:
   )
 
 
-def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=None) -> Program:
-  """K runs with one `config.group_key` as one vmapped program (`cache`: reuse compiled groups)."""
+RUNS_AXIS = 'runs'
+
+
+def lane_mesh(num_lanes: int):
+  """A 1-D mesh of this process's devices along `RUNS_AXIS` for a group of `num_lanes` runs, or None (one device)."""
+  from jax.sharding import Mesh
+
+  devices = jax.local_devices()
+  if len(devices) < 2 or num_lanes < 2:
+    return None
+  return Mesh(np.asarray(devices), (RUNS_AXIS,))
+
+
+def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=None, spread: bool = True) -> Program:
+  """K runs with one `config.group_key` as one vmapped program (`cache`: reuse compiled groups).
+
+  With several devices (`spread`), the lanes are sharded over them along a
+  `runs` mesh axis: each device trains K/D runs, with no communication per
+  step (the lanes are independent; the data is replicated). K that doesn't
+  divide by D is padded with copies of the last run, whose results are
+  dropped (`Program.padding`): D - 1 idle lanes at most.
+  """
   keys = {config_lib.group_key(c) for c in configs}
   if len(keys) != 1:
     raise ValueError(f'the runs of a group must differ only in values ({config_lib.vmapped_fields(configs[0])}); '
@@ -230,11 +311,20 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   if key not in cache:
     cache[key] = _lane_functions(first, plan.total_steps)
   f = cache[key]
+  mesh = lane_mesh(len(configs)) if spread else None
+  padding = (-len(configs)) % mesh.size if mesh is not None else 0
+  configs = list(configs) + [configs[-1]] * padding
   if state is None:
     # A full batch as the init sample: ghost BN checks that its virtual batch divides the batch.
     state = init_lane_states(f['model'], f['optimizer'], configs, dataset.train_images[: first.batch_size])
   hparams = lane_values(configs)
-  train = _compiled_by_length(f['train'], dataset.train_images, dataset.train_labels)
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    state, hparams = jax.device_put((state, hparams), NamedSharding(mesh, PartitionSpec(RUNS_AXIS)))
+    dataset = parallel.replicate(dataset, mesh)
+  train = _by_freezing(lambda frozen: _compiled_by_length(f['train'](frozen), dataset.train_images,
+                                                          dataset.train_labels))
   evaluators = {stats: fn or f['evaluate']['moving'] for stats, fn in f['evaluate'].items()}
 
   def evaluate(state, split, stats):
@@ -243,11 +333,12 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
 
   return Program(
       configs=list(configs), state=state, plan=plan, step_loop=f['step_loop'],
-      train_chunk=lambda state, indices: train(state, indices, hparams),
-      compile_chunk=lambda state, indices: train.compile_for(state, indices, hparams),
+      train_chunk=lambda state, indices, frozen=False: train(frozen)(state, indices, hparams),
+      compile_chunk=lambda state, indices, frozen=False: train(frozen).compile_for(state, indices, hparams),
+      precise=lambda state, indices: f['precise'](dataset.train_images, state, indices, hparams),
       epoch_batches=lambda state, epoch: f['batches'](state, epoch, num_train, first.batch_size),
       evaluate=evaluate,
       variance_shift=lambda state: f['shift'](
           state, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams),
-      has_moving_statistics=f['moving_statistics'],
+      has_moving_statistics=f['moving_statistics'], padding=padding,
   )

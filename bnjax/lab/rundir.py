@@ -22,6 +22,7 @@ The rules (a result can never be mixed with another run's):
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -107,12 +108,12 @@ def check_folder(folder: Path, config, *, resume: bool, overwrite: bool, flag: s
 
 
 class RunFolder:
-  """The outputs of one run (or one lane of a sweep group) in `path`; `writer=False` writes nothing."""
+  """The outputs of one run (or one lane of a sweep group) in `path`; `writer=False` (or no path) writes nothing."""
 
-  def __init__(self, path: Path, config, *, writer: bool = True):
-    self.path = Path(path)
+  def __init__(self, path: Path | None, config, *, writer: bool = True):
+    self.path = Path(path) if path is not None else None
     self.config = config
-    self.writer = writer
+    self.writer = writer and path is not None
     self._tensorboard = None
 
   def write_config(self, environment: dict[str, Any]) -> None:
@@ -135,7 +136,7 @@ class RunFolder:
     self._tensorboard = SummaryWriter(str(self.path), purge_step=epochs_done + 1 if epochs_done else None,
                                       flush_secs=30)
     if not epochs_done:
-      text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+      text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True, default=str)
       self._tensorboard.add_text('config', f'```\n{text}\n```', 0)
 
   def add_epoch(self, metrics: dict) -> None:
@@ -190,8 +191,20 @@ class Checkpoints:
     return epoch, restored.state, restored.history['lanes']
 
   def save(self, epoch: int, state, histories: list[list[dict]]) -> None:
-    """Saves and waits; a failed save (a full disk) leaves no partial checkpoint behind."""
+    """Saves and waits; a failed save (a full disk) leaves no partial checkpoint behind.
+
+    The free space is checked first (twice the state's bytes: Orbax writes a
+    temporary copy): Orbax's own failure on a full disk happens in its
+    writer threads, which print pages of tracebacks before the error arrives.
+    """
+    import jax
+
     ocp = self._ocp
+    need = 2 * sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree.leaves(state)) + (1 << 20)
+    free = shutil.disk_usage(self.folder if self.folder.exists() else self.folder.parent).free
+    if free < need:
+      raise OSError(errno.ENOSPC, f'no room for a checkpoint of {need / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free)',
+                    str(self.folder))
     try:
       self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        history=ocp.args.JsonSave({'lanes': histories})))

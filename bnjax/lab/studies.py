@@ -70,7 +70,7 @@ def run_grid(out: Path, settings: Mapping, data_dir: str | None, log, *, finaliz
   if data_dir is not None:
     base['data_dir'] = data_dir
   grid = {k: v for k, v in settings.items() if isinstance(v, list)}
-  configs, notes = sweep.expand_grid(config_lib.make(base), grid, finalize)
+  configs, notes = sweep.expand_grid(config_lib.unchecked(base), grid, finalize)
   for note in notes:
     log(f'note: {note}')
   if not configs:

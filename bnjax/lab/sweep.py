@@ -33,6 +33,8 @@ import dataclasses
 import io
 import itertools
 import json
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -41,16 +43,22 @@ from typing import Any, Callable, Iterable, Sequence
 from bnjax.lab import architectures, storage
 from bnjax.lab.config import (FIELDS, TrainConfig, canonical, group_key, parse_values, run_id, validate,  # noqa: F401
                               vmapped_fields)
+from bnjax.lab import loop
 from bnjax.lab.loop import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_ERROR
 
 METRIC_COLUMNS = (
     'status', 'final_val_accuracy', 'best_val_accuracy', 'best_epoch', 'final_train_accuracy',
-    'test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'train_val_gap', 'stats_gap',
+    'test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'test_accuracy_precise_stats', 'train_val_gap',
+    'stats_gap',
     'variance_shift', 'moving_variance_ratio',  # bnjax.lab.diagnostics: geometric means over the norm layers
     'epochs_completed', 'diverged_epoch', 'seconds', 'group_seconds', 'group_size', 'error',
 )
 CURVE_COLUMN = 'val_accuracy_curve'  # JSON list: validation accuracy per epoch
 RESULT_COLUMNS = ('run_id', 'group_id') + METRIC_COLUMNS + FIELDS + (CURVE_COLUMN,)
+
+
+# Seconds without a heartbeat after which a group's claim is taken over (its worker died).
+CLAIM_TIMEOUT = 600.0
 
 
 class Interrupted(RuntimeError):
@@ -117,17 +125,21 @@ def group_runs(configs: Iterable[TrainConfig], max_group_size: int | None = None
   return cut
 
 
-def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str) -> list[list[TrainConfig]]:
-  """On CPU, splits the groups of convolutional models into single runs (they still share one compile).
+def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str,
+                           num_devices: int = 1) -> list[list[TrainConfig]]:
+  """On CPU, splits the groups of convolutional models into one run per device (they still share one compile).
 
   XLA:CPU runs a vmapped convolution as a grouped convolution, far slower:
   cnn_seed at batch 32 took 681 ms per step for 2 vmapped runs vs 128 ms for
-  one. Other backends and dense models keep their groups.
+  one. With `num_devices` CPU devices a part has one lane per device (each
+  device runs its lane's convolution alone). Other backends and dense
+  models keep their groups.
   """
   if backend != 'cpu':
     return [list(g) for g in groups]
   has_conv = lambda config: architectures.has_convolutions(architectures.get(config.model).layers)
-  return [part for g in groups for part in ([[c] for c in g] if has_conv(g[0]) else [list(g)])]
+  per_device = lambda g: [list(g[i : i + num_devices]) for i in range(0, len(g), num_devices)]
+  return [part for g in groups for part in (per_device(g) if has_conv(g[0]) else [list(g)])]
 
 
 def describe_groups(groups: Sequence[Sequence[TrainConfig]]) -> str:
@@ -152,6 +164,7 @@ def describe_groups(groups: Sequence[Sequence[TrainConfig]]) -> str:
 
 def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None = None,
                 folders: Sequence[Any] | None = None, checkpoint_dir: Path | None = None,
+                interrupt_after_epoch: int | None = None,
                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], Any]:
   """Trains K runs that differ only in values as one vmapped program (`bnjax.lab.loop`).
 
@@ -163,6 +176,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
       TensorBoard (None: none).
     checkpoint_dir: where the group checkpoints after every epoch and resumes
       from (None: no checkpoints).
+    interrupt_after_epoch: fault injection (`loop.Interrupted` after that epoch's checkpoint).
 
   Returns:
     `(records, state)`: per run the summary (`loop.summarize`, with its
@@ -184,7 +198,8 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
     result = loop.train(program, start_epoch=start_epoch, histories=histories,
                         sinks=[f.add_epoch for f in folders] if folders else None,
                         checkpoint=checkpoints.save if checkpoints else None, checkpoint_every=1,
-                        progress=False, log=log)
+                        # One jitted scan per epoch (no progress bar to refresh), as sweeps always ran.
+                        progress_updates=1, progress=False, interrupt_after_epoch=interrupt_after_epoch, log=log)
   finally:
     for folder in folders or []:
       folder.close()
@@ -254,7 +269,11 @@ def run_sweep(
     command: str = '',
     max_group_size: int | None = None,
     interrupt_after_groups: int | None = None,
+    interrupt_after_epoch: int | None = None,
     report: bool = True,
+    num_workers: int = 1,
+    worker_index: int = 0,
+    claim_timeout: float = CLAIM_TIMEOUT,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
   """Trains every config not yet finished in `sweep_dir`, group by group; returns all records.
@@ -266,7 +285,17 @@ def run_sweep(
     max_group_size: lanes per compiled program at most (memory); None: no cap.
     interrupt_after_groups: fault injection: raise `Interrupted` after this
       many groups were written.
+    interrupt_after_epoch: fault injection: the first group raises
+      `loop.Interrupted` after that epoch's checkpoint (a kill mid-group).
     report: write `report.md` and its plots at the end.
+    num_workers, worker_index: this process is one of several independent
+      workers sharing `sweep_dir` (e.g. a SLURM job array): each group is
+      claimed atomically before it trains (`claims/<group>/`, see
+      `bnjax.lab.storage.claim`), so no group trains twice, and workers
+      start at different groups. A claim whose worker stopped heartbeating
+      for `claim_timeout` seconds (it died) is taken over, and the group
+      resumes from its checkpoint. Every worker rebuilds results.csv when it
+      is done: the last one to finish writes the complete one.
   """
   import jax
 
@@ -282,35 +311,25 @@ def run_sweep(
   done = finished_runs(sweep_dir)
   # Runs that raised are tried again (the cause may be fixed); completed and diverged ones are kept.
   todo = [c for c, i in zip(configs, ids) if done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR]
-  groups = one_run_per_conv_group(group_runs(todo, max_group_size), jax.default_backend())
-  log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)')
+  groups = one_run_per_conv_group(group_runs(todo, max_group_size), jax.default_backend(), jax.local_device_count())
+  log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)'
+      + (f' (worker {worker_index + 1} of {num_workers})' if num_workers > 1 else ''))
   datasets: dict[tuple, Any] = {}
   cache: dict = {}
-  for index, members in enumerate(groups):
-    timer = time.perf_counter()
-    try:
-      key = build.dataset_key(members[0])
-      if key not in datasets:
-        datasets[key] = build.dataset(members[0], put=jax.device_put)
-      folders = [rundir.RunFolder(sweep_dir / 'runs' / run_id(c), c) for c in members]
-      for folder in folders:
-        folder.write_config({'command': command})
-      group_dir = sweep_dir / 'groups' / group_folder_name(members)
-      records, _ = train_group(members, datasets[key], cache=cache, folders=folders,
-                               checkpoint_dir=group_dir / 'checkpoints', log=log)
-    except Exception as error:  # noqa: BLE001  (a failing group is recorded; the sweep goes on)
-      records = _error_records(members, error)
-      log(f'group {index + 1} failed: {records[0]["error"]}')
-    seconds = time.perf_counter() - timer
-    for config, record in zip(members, records):
-      record.update(run_id=run_id(config), group_id=group_key(config), config=config.to_dict(),
-                    seconds=seconds / len(members), group_seconds=seconds, group_size=len(members))
-      storage.write_json_atomic(sweep_dir / 'runs' / f'{record["run_id"]}.json', record)
-    rundir.remove_tree(sweep_dir / 'groups' / group_folder_name(members))
-    write_results(sweep_dir, ids)
-    summary = ', '.join(f'{r["status"]}' if r.get('test_accuracy_moving_stats') is None
-                        else f'{r["test_accuracy_moving_stats"]:.4f}' for r in records)
-    log(f'group {index + 1}/{len(groups)}: {len(members)} run(s) in {seconds:.1f}s; test acc (moving stats): {summary}')
+  owner = f'{socket.gethostname()}:{os.getpid()}:worker{worker_index}'
+  # Each worker starts at its own share of the groups, then helps with the rest.
+  start = len(groups) * worker_index // max(num_workers, 1)
+  for index in [*range(start, len(groups)), *range(start)]:
+    members = groups[index]
+    if all(finished_runs_of(sweep_dir, members).get(run_id(c), {}).get('status', STATUS_ERROR) != STATUS_ERROR
+           for c in members):
+      continue  # another worker trained it meanwhile
+    claim = storage.claim(sweep_dir / 'claims' / group_folder_name(members), owner=owner, stale_after=claim_timeout)
+    if claim is None:
+      log(f'group {index + 1}: claimed by another worker; skipped')
+      continue
+    with claim:
+      _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log)
     if interrupt_after_groups is not None and index + 1 == interrupt_after_groups and index + 1 < len(groups):
       raise Interrupted(f'interrupted after group {index + 1} (fault injection)')
   write_results(sweep_dir, ids)
@@ -320,3 +339,50 @@ def run_sweep(
     report_lib.write_report(sweep_dir / 'results.csv', command=command, log=log)
   done = finished_runs(sweep_dir)
   return [done[i] for i in ids if i in done]
+
+
+def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[str, dict]:
+  """`{run_id: record}` of the given runs that are written in `sweep_dir/runs/`."""
+  records = {}
+  for config in members:
+    path = Path(sweep_dir, 'runs', f'{run_id(config)}.json')
+    try:
+      records[path.stem] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+      continue
+  return records
+
+
+def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log):
+  """Trains one group (a claimed one) and writes its records and results.csv."""
+  import jax
+
+  from bnjax.lab import build, rundir
+
+  timer = time.perf_counter()
+  try:
+    key = build.dataset_key(members[0])
+    if key not in datasets:
+      datasets[key] = build.dataset(members[0], put=jax.device_put)
+    folders = [rundir.RunFolder(sweep_dir / 'runs' / run_id(c), c) for c in members]
+    for folder in folders:
+      folder.write_config({'command': command})
+    group_dir = sweep_dir / 'groups' / group_folder_name(members)
+    records, _ = train_group(members, datasets[key], cache=cache, folders=folders,
+                             checkpoint_dir=group_dir / 'checkpoints', log=log,
+                             interrupt_after_epoch=interrupt_after_epoch if index == 0 else None)
+  except loop.Interrupted:
+    raise
+  except Exception as error:  # noqa: BLE001  (a failing group is recorded; the sweep goes on)
+    records = _error_records(members, error)
+    log(f'group {index + 1} failed: {records[0]["error"]}')
+  seconds = time.perf_counter() - timer
+  for config, record in zip(members, records):
+    record.update(run_id=run_id(config), group_id=group_key(config), config=config.to_dict(),
+                  seconds=seconds / len(members), group_seconds=seconds, group_size=len(members))
+    storage.write_json_atomic(sweep_dir / 'runs' / f'{record["run_id"]}.json', record)
+  rundir.remove_tree(sweep_dir / 'groups' / group_folder_name(members))
+  write_results(sweep_dir, ids)
+  summary = ', '.join(f'{r["status"]}' if r.get('test_accuracy_moving_stats') is None
+                      else f'{r["test_accuracy_moving_stats"]:.4f}' for r in records)
+  log(f'group {index + 1}/{len(groups)}: {len(members)} run(s) in {seconds:.1f}s; test acc (moving stats): {summary}')

@@ -1,0 +1,81 @@
+"""Sweeps shared by independent workers (bnjax.lab.sweep with bnjax.lab.storage claims): every run exactly once."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bnjax.lab import config as C
+from bnjax.lab import storage, sweep
+from conftest import REPO
+
+GRID = ['--batch_size=100,200,300,400', '--epochs=1', '--data_source=files', '--progress_updates=1', '--report=false']
+
+
+def _start(data_dir, sweep_dir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.Popen([sys.executable, str(REPO / 'experiments' / 'sweep.py'), f'--data_dir={data_dir}',
+                           f'--sweep_dir={sweep_dir}', *GRID, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, cwd=REPO)
+
+
+def _holders(sweep_dir):
+  """Per group, the owners that held its claim (each holder writes one entry; releases are entries too)."""
+  owners = {}
+  for folder in (sweep_dir / 'claims').iterdir():
+    entries = [json.loads(p.read_text()) for p in sorted(folder.glob('*.claim'))]
+    owners[folder.name] = [e['owner'] for e in entries if not e.get('released')]
+  return owners
+
+
+def _check_every_run_once(sweep_dir):
+  rows = list(csv.DictReader(open(sweep_dir / 'results.csv')))
+  assert sorted(int(r['batch_size']) for r in rows) == [100, 200, 300, 400]
+  assert all(r['status'] == 'completed' for r in rows)
+  holders = _holders(sweep_dir)
+  assert len(holders) == 4 and all(len(owners) == 1 for owners in holders.values()), holders
+
+
+def test_two_workers_train_every_run_exactly_once(data_dir, tmp_path):
+  workers = [_start(data_dir, tmp_path, '--num_workers=2', f'--worker_index={i}') for i in range(2)]
+  outputs = [w.communicate(timeout=600) for w in workers]
+  assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
+  _check_every_run_once(tmp_path)
+  owners = {o[0] for owners in _holders(tmp_path).values() for o in owners}
+  assert len({owner.split(':worker')[1] for owner in owners}) == 2  # both workers trained groups
+
+
+def test_the_same_command_started_twice_shares_the_work(data_dir, tmp_path):
+  workers = [_start(data_dir, tmp_path) for _ in range(2)]
+  outputs = [w.communicate(timeout=600) for w in workers]
+  assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
+  _check_every_run_once(tmp_path)
+
+
+def _configs(data_dir):
+  base = C.make(dict(data_dir=str(data_dir), data_source='files', epochs=1, progress_updates=1))
+  return sweep.expand_grid(base, {'batch_size': [100, 200]})[0]
+
+
+def test_a_dead_workers_claim_is_taken_over_and_a_live_one_is_not(data_dir, tmp_path):
+  configs = _configs(data_dir)
+  folder = tmp_path / 'claims' / sweep.group_folder_name([configs[0]])
+  held = storage.claim(folder, owner='dead-worker', stale_after=3600)
+  log = []
+  records = sweep.run_sweep(configs, tmp_path, report=False, claim_timeout=3600, log=log.append)
+  assert [r['config']['batch_size'] for r in records] == [200]  # the claimed group was left to its worker
+  assert 'claimed by another worker' in ''.join(log)
+  storage.write_json_atomic(held.file, dict(held.record, heartbeat=time.time() - 7200))  # it died long ago
+  records = sweep.run_sweep(configs, tmp_path, report=False, claim_timeout=3600, log=log.append)
+  assert sorted(r['config']['batch_size'] for r in records) == [100, 200]
+  assert held.still_owned() is False
+
+
+def test_lanes_sharded_over_eight_devices_equal_one_device(data_dir, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, str(REPO / 'tests' / 'scripts' / 'sweep_devices_check.py'), str(data_dir),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count('ok ') == 2
