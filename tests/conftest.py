@@ -25,6 +25,23 @@ def data_dir(tmp_path_factory):
   return folder
 
 
+@pytest.fixture(scope='session')
+def study_data_dir(tmp_path_factory):
+  """MNIST look-alike (5000 train) and a small CIFAR-10 look-alike: every study runs on them at a tiny budget."""
+  import numpy as np
+
+  from fixtures import learnable_digits, write_cifar_folder, write_learnable_mnist
+
+  folder = tmp_path_factory.mktemp('study_data')
+  write_learnable_mnist(folder, num_train=5000, num_test=400)
+  cifar = learnable_digits(seed=1, num_train=140, num_test=40)
+  # 32x32x3 images from the 28x28 digits (padded, channels repeated), so the CNN has something to learn.
+  pad = lambda images: np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
+  write_cifar_folder(folder / 'cifar10' / 'cifar-10-batches-py',
+                     cifar._replace(train_images=pad(cifar.train_images), test_images=pad(cifar.test_images)))
+  return str(folder)
+
+
 def run_script(script, *flags, timeout=600, env=None):
   """Runs a CLI of experiments/ as a user does (a subprocess on CPU); returns the CompletedProcess."""
   environment = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))

@@ -14,21 +14,13 @@ import pytest
 
 from bnjax.lab import repro, studies
 from conftest import REPO
-from fixtures import learnable_digits, write_cifar_folder, write_learnable_mnist
 
 QUIET = lambda message: None
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('data')
-  write_learnable_mnist(folder, num_train=5000, num_test=400)
-  cifar = learnable_digits(seed=1, num_train=140, num_test=40)
-  # 32x32x3 images from the 28x28 digits (padded, channels repeated), so the CNN has something to learn.
-  pad = lambda images: np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
-  write_cifar_folder(folder / 'cifar10' / 'cifar-10-batches-py',
-                     cifar._replace(train_images=pad(cifar.train_images), test_images=pad(cifar.test_images)))
-  return str(folder)
+def data_dir(study_data_dir):
+  return study_data_dir
 
 
 def _run(name, tmp_path, data_dir, **overrides):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bnjax.lab import config as config_lib
-from bnjax.lab import repro
+from bnjax.lab import population, repro
 from bnjax.lab.options import OPTIONS
 
 BUDGETS = ('cpu', 'full')
@@ -188,6 +188,26 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
           repro.study_renorm,
           {'cpu': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], epochs=5, seeds=[0, 1, 2]),
            'full': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], epochs=20, seeds=[0, 1, 2])}),
+    Study('precise_vs_ema', 'EMA vs precise BN statistics (Wu & Johnson 2021) over BN momentum x batch size, MNIST '
+          'MLP; the moving-statistics bug repaired after the fact by precise statistics.',
+          population.study_precise_vs_ema,
+          {'cpu': dict(epochs=3, seeds=[0, 1], momenta=MOMENTA, batch_sizes=[32, 128, 500, 5000],
+                       precise_examples=10_000),
+           'full': dict(epochs=20, seeds=[0, 1, 2], momenta=MOMENTA, batch_sizes=[32, 128, 500, 5000],
+                        precise_examples=10_000)}),
+    Study('precise_examples', 'How many examples precise BN needs: test accuracy vs examples (10^2..6x10^4), MNIST '
+          'MLP at batch 500 and CIFAR-10 CNN, against the moving averages.',
+          population.study_precise_examples,
+          {'cpu': dict(mlp_epochs=5, cnn_epochs=2, seed=0, examples=[100, 300, 1000, 3000, 10_000, 30_000, 60_000]),
+           'full': dict(mlp_epochs=20, cnn_epochs=30, seed=0,
+                        examples=[100, 300, 1000, 3000, 10_000, 30_000, 60_000])}),
+    Study('small_batch_norms', 'Normalization at 2/4/8/32 examples per batch: BN, renorm and frozen BN over ghost '
+          'batches vs group norm, layer norm and none; MNIST MLP and CIFAR-10 CNN.',
+          population.study_small_batch_norms,
+          {'cpu': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=2,
+                       cnn_seeds=[0], freeze_epochs=2),
+           'full': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=30,
+                        cnn_seeds=[0, 1, 2], freeze_epochs=2)}),
     Study('repro_bug', 'The moving-statistics bug and center/scale off after the nonlinearity (MNIST MLP).',
           repro.study_bug,
           {'cpu': dict(epochs=20, seeds=[0, 1, 2]), 'full': dict(epochs=20, seeds=[0, 1, 2])}),
