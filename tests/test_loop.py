@@ -85,4 +85,4 @@ def test_bad_settings_name_the_flag_before_any_data_loads(settings, message):
 
 def test_a_freeze_point_past_the_steps_of_a_run(data_dir, dataset):
   with pytest.raises(ValueError, match='--freeze_bn_after=5 .*fewer than the 2 epochs'):
-    programs.single(_config(data_dir, steps=20, freeze_bn_after=5), dataset)
+    programs.single(_config(data_dir, steps=20, epochs=C.DEFAULTS.epochs, freeze_bn_after=5), dataset)

@@ -43,7 +43,7 @@ def test_two_workers_train_every_run_exactly_once(data_dir, tmp_path):
   outputs = [w.communicate(timeout=600) for w in workers]
   assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
   _check_every_run_once(tmp_path)
-  owners = {o[0] for owners in _holders(tmp_path).values() for o in owners}
+  owners = {owner for holders in _holders(tmp_path).values() for owner in holders}
   assert len({owner.split(':worker')[1] for owner in owners}) == 2  # both workers trained groups
 
 

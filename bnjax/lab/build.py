@@ -38,6 +38,7 @@ def model(config: TrainConfig) -> nn.Module:
       norm_position=config.norm_position,
       dropout_placement=config.dropout_placement,
       dropout_rate=config.dropout_rate,
+      conv_impl=config.conv_impl,
       norm_options=norm_options,
   )
 

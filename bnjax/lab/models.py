@@ -87,6 +87,7 @@ import numpy as np
 
 from bnjax import moments as moments_lib
 from bnjax.lab import architectures
+from bnjax.lab import conv as conv_lib
 from bnjax.lab import options as options_lib
 
 Array = jnp.ndarray
@@ -229,6 +230,7 @@ class Net(nn.Module):
   dropout_placement: str = 'none'
   dropout_rate: float = 0.5
   kernel_init: str = 'glorot_uniform'
+  conv_impl: str = 'xla'
   norm_options: Mapping[str, Any] = flax.core.FrozenDict()
   axis_name: Any = None
 
@@ -239,6 +241,7 @@ class Net(nn.Module):
     _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, tuple(KERNEL_INITS))
+    _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
     kind = options_lib.NORM_KINDS[self.norm]
     for name, value in self.norm_options.items():
       option = options_lib.OPTIONS.get(name)
@@ -297,7 +300,8 @@ class Net(nn.Module):
     if kind == 'dense':
       linear = nn.Dense(features, kernel_init=kernel_init, name=f'linear_{index}')
     else:
-      linear = nn.Conv(features, (3, 3), padding='SAME', kernel_init=kernel_init, name=f'linear_{index}')
+      conv = conv_lib.Conv if self.conv_impl == 'cpu_fast' else nn.Conv
+      linear = conv(features, (3, 3), padding='SAME', kernel_init=kernel_init, name=f'linear_{index}')
     norm = self._norm_layer(values, f'norm_{index}')
     activation = ACTIVATIONS[self.activation]
     probes = {}
@@ -334,7 +338,10 @@ class Net(nn.Module):
       if step[0] == 'flatten':
         x = x.reshape(x.shape[0], -1)
       elif step[0] == 'pool':
-        x = nn.max_pool(x, (step[1], step[1]), strides=(step[1], step[1]))
+        if self.conv_impl == 'cpu_fast':
+          x = conv_lib.max_pool(x, step[1])
+        else:
+          x = nn.max_pool(x, (step[1], step[1]), strides=(step[1], step[1]))
       else:
         x = self._block(index, tuple(step), x, train, values, probe_unit, freeze_norm)
         index += 1

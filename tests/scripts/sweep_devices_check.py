@@ -40,10 +40,12 @@ assert {s.data.shape[0] for s in jax.tree.leaves(spread.state)[0].addressable_sh
 one, one_summaries = train(False)
 assert one.padding == 0 and len(one_summaries) == 9
 for a, b in zip(spread_summaries, one_summaries):
+  # Float tolerance: a few of the 400 test examples may flip after two epochs of vmapped Adam.
+  np.testing.assert_allclose(a['test_loss'], b['test_loss'], rtol=2e-3)
   for key in ('test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'final_val_accuracy'):
-    np.testing.assert_allclose(a[key], b[key], atol=2e-3, err_msg=key)
+    np.testing.assert_allclose(a[key], b[key], atol=0.01, err_msg=key)
   np.testing.assert_allclose([m['train_loss'] for m in a['history']], [m['train_loss'] for m in b['history']],
-                             rtol=1e-4)
+                             rtol=2e-3)
 print('ok lanes on 8 devices equal one device')
 records = sweep.run_sweep(configs, sweep_dir, report=False, log=lambda m: None)
 assert len(records) == 9 and all(r['status'] == 'completed' for r in records)
