@@ -80,7 +80,6 @@ ALLOCATOR = _early_setup(sys.argv) if __name__ == '__main__' else 'glibc'
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from bnjax.lab import engine, models  # noqa: E402
 

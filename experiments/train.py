@@ -19,7 +19,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from absl import flags, logging
+from absl import flags
 
 from bnjax.lab import cli
 from bnjax.lab import config as config_lib
@@ -45,7 +45,6 @@ def default_workdir(preset: str | None, settings: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull).')
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   settings = cli.given_options(lists=False)
   if FLAGS.resume and 'workdir' not in settings:
     raise ValueError('--resume needs the --workdir of the run to continue.')

@@ -1,7 +1,5 @@
 """bnjax.lab.config: every invalid value or combination is rejected naming its flag; presets resolve."""
 
-import dataclasses
-
 import pytest
 
 from bnjax.lab import config as C

@@ -6,7 +6,6 @@ import pytest
 
 from bnjax.lab import config as C
 from bnjax.lab import experiment
-from fixtures import write_learnable_mnist
 
 QUIET = dict(progress=False, log=lambda message: None)
 METRIC_KEYS = ('epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')

@@ -16,7 +16,6 @@ from bnjax.lab import build, engine, experiment, loop, sweep
 from bnjax.lab import config as C
 from bnjax.lab.config import TrainConfig
 from conftest import REPO
-from fixtures import write_learnable_mnist
 
 
 def tiny(data_dir, **overrides) -> TrainConfig:

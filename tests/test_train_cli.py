@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from fixtures import write_learnable_mnist
 
 TRAIN = [sys.executable, str(REPO / 'experiments' / 'train.py')]
 

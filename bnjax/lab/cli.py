@@ -85,6 +85,9 @@ def one_line_errors(main: Callable) -> Callable:
 
   @functools.wraps(main)
   def wrapped(argv):
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)  # Orbax logs every save at INFO
     try:
       return main(argv)
     except USER_ERRORS as error:

@@ -73,6 +73,7 @@ def train(
     progress_updates: int = 10,
     progress: bool = True,
     interrupt_after_epoch: int | None = None,
+    every_steps: tuple[int, Callable[[int, Any], None]] | None = None,
     log: Callable[[str], None] = print,
 ) -> Result:
   """Trains the program's lanes from `start_epoch` to the end of its plan.
@@ -88,6 +89,10 @@ def train(
     progress_updates: progress-bar refreshes (and divergence checks) per epoch.
     interrupt_after_epoch: fault injection: raise `Interrupted` right after
       that epoch's checkpoint.
+    every_steps: `(n, hook)`: `hook(step, state)` at step 0 and after every
+      n steps (and the last): measurements during training (the BN paper's
+      Figure 1). The steps then run n at a time; n must divide an epoch's
+      steps (or the run be shorter than an epoch).
   """
   plan = program.plan
   k = program.num_lanes
@@ -96,8 +101,14 @@ def train(
   # Steps per jitted call; the host reads the metrics (progress bar, divergence) every `refresh` steps.
   refresh = max(1, math.ceil(plan.steps_per_epoch / max(progress_updates, 1)))
   chunk = 1 if program.step_loop == 'python' else refresh
+  if every_steps is not None:
+    chunk = every_steps[0]
+    if plan.steps_per_epoch % chunk and plan.total_steps > plan.steps_per_epoch:
+      raise ValueError(f'every_steps={chunk} does not divide the {plan.steps_per_epoch} steps of an epoch.')
   compile_seconds = _warm_up(program, chunk)
   state = program.state
+  if every_steps is not None and start_epoch == 0:
+    every_steps[1](0, state)
   config = program.configs[0]
   batch_size = config.batch_size
   precise_state = None
@@ -118,6 +129,10 @@ def train(
       state, metrics = program.train_chunk(state, part, frozen)
       totals = _add(totals, metrics)
       done = begin + part.shape[-2]
+      if every_steps is not None:
+        step = epoch * plan.steps_per_epoch + done
+        if step % every_steps[0] == 0 or step == plan.total_steps:
+          every_steps[1](step, state)
       if done - shown >= refresh or done == steps:
         losses = np.asarray(totals.mean_loss())
         bar.update(done - shown)

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -207,15 +206,10 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
   """
   import jax
 
-  from bnjax.lab import build, diagnostics, engine
+  from bnjax.lab import build, diagnostics, engine, loop, programs
 
-  num_train = dataset.train_images.shape[0]
-  total = build.total_steps(config, num_train)
-  per_epoch = build.steps_per_epoch(config, num_train)
+  program = programs.single(config, dataset)
   model = build.model(config)
-  optimizer = build.optimizer(config, total)
-  state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
-  train = jax.jit(engine.make_train_steps(model, optimizer), donate_argnums=0)
   evaluate = engine.make_evaluate(model, batch_size=config.eval_batch_size)
 
   @jax.jit
@@ -226,29 +220,18 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
             diagnostics.activation_percentiles(model, variables, dataset.test_images, train=True,
                                                rng=jax.random.PRNGKey(0)))
 
-  batches_of_epoch = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
   track = {'step': [], 'test_accuracy': [], 'percentiles': [], 'percentiles_batch_stats': []}
 
-  def record(step):
+  def record(step, state):
     accuracy, percentiles, batch_percentiles = jax.device_get(measure(state))
     track['step'].append(step)
     track['test_accuracy'].append(float(accuracy))
     track['percentiles'].append([float(p) for p in percentiles])
     track['percentiles_batch_stats'].append([float(p) for p in batch_percentiles])
+    if len(track['step']) % 20 == 1 or step == program.plan.total_steps:
+      log(f'{config.norm}: step {step}/{program.plan.total_steps}  test accuracy {track["test_accuracy"][-1]:.4f}')
 
-  record(0)
-  epoch_cache: dict[int, Any] = {}
-  for start in range(0, total, every):
-    stop = min(start + every, total)
-    epochs = range(start // per_epoch, (stop - 1) // per_epoch + 1)
-    epoch_cache = {e: epoch_cache[e] if e in epoch_cache else batches_of_epoch(state, e, num_train, config.batch_size)
-                   for e in epochs}
-    flat = jax.numpy.concatenate([epoch_cache[e] for e in epochs])
-    offset = epochs[0] * per_epoch
-    state, _ = train(state, dataset.train_images, dataset.train_labels, flat[start - offset : stop - offset])
-    record(stop)
-    if len(track['step']) % 20 == 1 or stop == total:
-      log(f'{config.norm}: step {stop}/{total}  test accuracy {track["test_accuracy"][-1]:.4f}')
+  loop.train(program, every_steps=(every, record), progress=False, log=lambda message: None)
   return track
 
 

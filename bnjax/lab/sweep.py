@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from bnjax.lab import architectures, storage
-from bnjax.lab.config import (FIELDS, TrainConfig, canonical, group_key, parse_values, run_id, validate,  # noqa: F401
-                              vmapped_fields)
+from bnjax.lab.config import FIELDS, TrainConfig, canonical, group_key, run_id, validate
+from bnjax.lab.config import parse_values, vmapped_fields  # noqa: F401  (re-exported: the sweep's vocabulary)
 from bnjax.lab import loop
-from bnjax.lab.loop import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_ERROR
+from bnjax.lab.loop import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_ERROR  # noqa: F401  (re-exported)
 
 METRIC_COLUMNS = (
     'status', 'final_val_accuracy', 'best_val_accuracy', 'best_epoch', 'final_train_accuracy',
@@ -298,8 +298,6 @@ def run_sweep(
       is done: the last one to finish writes the complete one.
   """
   import jax
-
-  from bnjax.lab import build, rundir
 
   if max_group_size is not None and max_group_size < 1:
     raise ValueError(f'--max_group_size={max_group_size} is invalid: expected a positive integer (or unset for '
