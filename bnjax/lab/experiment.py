@@ -67,16 +67,6 @@ def read_history(config) -> list[dict]:
   return rundir.RunFolder(Path(config.workdir), config).history()
 
 
-def _restore(program, checkpoints, folder, log) -> tuple[int, list]:
-  """Continues from the latest checkpoint: `(start_epoch, history)`."""
-  restored = checkpoints.restore(program.state)
-  if restored is None:
-    return 0, []
-  epoch, program.state, histories = restored
-  log(f'resumed from the checkpoint of epoch {epoch} in {checkpoints.folder}')
-  return epoch, histories[0]
-
-
 def run(
     config,
     *,
@@ -111,7 +101,8 @@ def run(
     dataset = build.dataset(config, put=jax.device_put if single_device else None)
   program = programs.single(config, dataset)
   checkpoints = rundir.Checkpoints(workdir / rundir.CHECKPOINTS) if workdir and config.checkpoint_every else None
-  start_epoch, history = _restore(program, checkpoints, folder, log) if resume and checkpoints else (0, [])
+  start_epoch, histories = checkpoints.resume(program, log) if resume and checkpoints else (0, None)
+  history = histories[0] if histories else []
   folder.write_config(dict(environment(), num_devices=parallel.resolve_num_devices(config.num_devices)))
   folder.start_metrics(history)
   try:

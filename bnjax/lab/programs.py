@@ -172,13 +172,9 @@ def single(config, dataset, *, state=None) -> Program:
     images, labels = _split(dataset, split)
     return _with_lane_axis(evaluators[stats](state, images, labels))
 
-  def variance_shift(state):
-    shift = jax.jit(functools.partial(diagnostics.variance_shift, model))(
-        {'params': state.params, 'batch_stats': state.batch_stats},
-        diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size),
-        jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM),
-    )
-    return _with_lane_axis(shift)
+  shift = jax.jit(functools.partial(lane_variance_shift, model))
+  variance_shift = lambda state: _with_lane_axis(
+      shift(state, diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size), None))
 
   return Program(
       configs=[config], state=state, plan=plan, step_loop=step_loop, train_chunk=train_chunk,

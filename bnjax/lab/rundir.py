@@ -26,7 +26,7 @@ import errno
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import storage
@@ -54,7 +54,7 @@ def _stored_config(folder: Path):
     raise RunDirError(f'{path} is unreadable ({error}); pass --overwrite to start a new run there, or choose '
                       'another --workdir.') from None
   known = {k: v for k, v in stored.items() if k in config_lib.FIELDS}
-  return config_lib.DEFAULTS.__class__(**{**config_lib.DEFAULTS.to_dict(), **known})
+  return config_lib.TrainConfig(**known)
 
 
 def length_can_change(config) -> bool:
@@ -190,6 +190,18 @@ class Checkpoints:
         epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
     return epoch, restored.state, restored.history['lanes']
 
+  def resume(self, program, log, what: str = '') -> tuple[int, list[list[dict]] | None]:
+    """Puts the latest checkpoint's state into `program`: `(epoch, per-lane histories)`, or `(0, None)`.
+
+    Logs `'<what>resumed from the checkpoint of epoch E in <folder>'`.
+    """
+    restored = self.restore(program.state)
+    if restored is None:
+      return 0, None
+    epoch, program.state, histories = restored
+    log(f'{what}resumed from the checkpoint of epoch {epoch} in {self.folder}')
+    return epoch, histories
+
   def save(self, epoch: int, state, histories: list[list[dict]]) -> None:
     """Saves and waits; a failed save (a full disk) leaves no partial checkpoint behind.
 
@@ -216,10 +228,6 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def epoch_sinks(folders: list[RunFolder]) -> list[Callable[[dict], None]]:
-  return [folder.add_epoch for folder in folders]
 
 
 def remove_tree(path: Path) -> None:

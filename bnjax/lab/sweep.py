@@ -186,12 +186,7 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
 
   program = programs.lanes(configs, dataset, cache=cache)
   checkpoints = rundir.Checkpoints(checkpoint_dir) if checkpoint_dir is not None else None
-  start_epoch, histories = 0, None
-  if checkpoints is not None:
-    restored = checkpoints.restore(program.state)
-    if restored is not None:
-      start_epoch, program.state, histories = restored
-      log(f'group resumed from the checkpoint of epoch {start_epoch} in {checkpoint_dir}')
+  start_epoch, histories = checkpoints.resume(program, log, 'group ') if checkpoints is not None else (0, None)
   for folder, history in zip(folders or [], histories or [[] for _ in configs]):
     folder.start_metrics(history)
   try:
@@ -217,12 +212,17 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
 
 def finished_runs(sweep_dir: str | Path) -> dict[str, dict]:
   """`{run_id: record}` of the runs already written in `sweep_dir/runs/`."""
+  return _read_records(sorted(Path(sweep_dir, 'runs').glob('*.json')))
+
+
+def _read_records(paths: Iterable[Path]) -> dict[str, dict]:
+  """`{run_id: record}` of the run files that exist and parse (not ours, or unreadable: the run is redone)."""
   records = {}
-  for path in sorted(Path(sweep_dir, 'runs').glob('*.json')):
+  for path in paths:
     try:
       records[path.stem] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-      continue  # not ours, or unreadable: the run is redone
+      continue
   return records
 
 
@@ -341,14 +341,7 @@ def run_sweep(
 
 def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[str, dict]:
   """`{run_id: record}` of the given runs that are written in `sweep_dir/runs/`."""
-  records = {}
-  for config in members:
-    path = Path(sweep_dir, 'runs', f'{run_id(config)}.json')
-    try:
-      records[path.stem] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-      continue
-  return records
+  return _read_records(Path(sweep_dir, 'runs', f'{run_id(config)}.json') for config in members)
 
 
 def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log):
