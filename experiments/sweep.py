@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import flags
 
-from bnjax.lab import cli, loop, storage, studies, sweep
+from bnjax.lab import cli, loop, parallel, storage, studies, sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('preset', None, 'A grid study: ' + '; '.join(
@@ -84,6 +84,7 @@ def main(argv):
     print(sweep.describe_groups(groups))
     print(f'{sum(sweep.run_id(c) in done for c in configs)} of them already finished in {sweep_dir}')
     return 0
+  parallel.initialize(base.coordinator_address, base.num_processes, base.process_id)  # when asked (multi-host)
   try:
     records = sweep.run_sweep(configs, sweep_dir, command=command, max_group_size=FLAGS.max_group_size,
                               interrupt_after_groups=FLAGS.interrupt_after_groups,

@@ -11,6 +11,19 @@ import pytest
 # module imports it first.
 os.environ.setdefault('KERAS_BACKEND', 'jax')
 
+# One persistent XLA compilation cache for the whole session, shared by the xdist workers and the CLI
+# subprocesses (they inherit the environment): many tests compile the same programs. It starts empty,
+# so every run of the suite (and CI) compiles everything at least once.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _cache = tempfile.mkdtemp(prefix='bnjax-test-xla-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # the process that made it (the xdist controller)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 

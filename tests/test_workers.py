@@ -79,3 +79,56 @@ def test_lanes_sharded_over_eight_devices_equal_one_device(data_dir, tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.count('ok ') == 2
+
+
+def _free_port():
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_a_sweep_over_two_processes_equals_one_process(data_dir, tmp_path):
+  """jax.distributed on 127.0.0.1: 2 processes x 2 forced CPU devices; 3 lanes (1 padding) span all 4 devices.
+
+  Process 0 alone writes the records (after a checkpoint per epoch, written by both through Orbax); both
+  processes exit 0 with the same results; every number equals the same sweep in one process on one device
+  (float tolerance). The sweep is the CLI's, run from its flags.
+  """
+  import pytest
+
+  grid = ['--momentum=0.6,0.9,0.99', '--batch_size=100', '--epochs=2', '--data_source=files', '--progress_updates=1',
+          '--report=false', '--dropout_placement=end', '--dropout_rate=0.2', f'--data_dir={data_dir}']
+  base = C.make(dict(batch_size=100, epochs=2, data_source='files', progress_updates=1, dropout_placement='end',
+                     dropout_rate=0.2, data_dir=str(data_dir)))
+  configs, _ = sweep.expand_grid(base, {'momentum': [0.6, 0.9, 0.99]})
+  sweep.run_sweep(configs, tmp_path / 'one', report=False, log=lambda message: None)  # one process, one device
+  script = [sys.executable, str(REPO / 'experiments' / 'sweep.py'), *grid]
+  env = lambda devices: dict(os.environ, JAX_PLATFORMS='cpu',
+                             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  port = _free_port()
+  processes = [subprocess.Popen(script + [f'--sweep_dir={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
+                                          '--num_processes=2', f'--process_id={i}'],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(2), cwd=REPO)
+               for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600) for p in processes]
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      p.kill()
+    pytest.fail('the two sweep processes did not finish in 600 s')
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'on the 4 devices of 2 processes' in outputs[0][0] + outputs[0][1]
+  assert 'results.csv: 3 completed' in outputs[0][0] and 'results.csv: 3 completed' in outputs[1][0]
+  read = lambda name: {r['run_id']: r for r in csv.DictReader(open(tmp_path / name / 'results.csv'))}
+  want, got = read('one'), read('two')
+  assert sorted(got) == sorted(want) and len(got) == 3
+  for run, row in want.items():
+    for key in ('final_val_accuracy', 'test_accuracy_moving_stats', 'test_accuracy_batch_stats', 'variance_shift'):
+      assert abs(float(got[run][key]) - float(row[key])) <= 0.01, (key, got[run][key], row[key])
+  # Written once, by process 0: one metrics.jsonl line per epoch per run, no leftover claims or checkpoints.
+  for run in got:
+    assert len((tmp_path / 'two' / 'runs' / run / 'metrics.jsonl').read_text().splitlines()) == 2
+  assert not list((tmp_path / 'two' / 'groups').glob('*/checkpoints/*'))

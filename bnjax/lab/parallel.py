@@ -39,6 +39,7 @@ the mesh spans them all, and every process runs the same program.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -132,16 +133,42 @@ def shard_batch_spec() -> P:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Copies of `tree`'s arrays on every device of `mesh` (global arrays, also across processes)."""
-  sharding = NamedSharding(mesh, P())
-  copies = {}  # a leaf given twice (e.g. val_images is test_images) is copied once
+  return put(tree, NamedSharding(mesh, P()))
 
-  def put(leaf):
-    if id(leaf) not in copies:
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+  """`tree`'s arrays as global arrays laid out by `sharding`, also across processes.
+
+  Every process passes the same values (e.g. computed from the same seeds);
+  each keeps only its own devices' parts. `jax.device_put` would need every
+  device to be this process's.
+  """
+  arrays = {}  # a leaf given twice (e.g. val_images is test_images) is put once
+
+  def put_leaf(leaf):
+    if id(leaf) not in arrays:
       value = np.asarray(jax.device_get(leaf))
-      copies[id(leaf)] = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-    return copies[id(leaf)]
+      arrays[id(leaf)] = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return arrays[id(leaf)]
 
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put_leaf, tree)
+
+
+def gather(tree: Any) -> Any:
+  """`tree`'s arrays readable by every process (all-gathered when they are split across processes).
+
+  Lanes sharded over every process's devices (`bnjax.lab.programs.lanes`)
+  give metrics that no one process holds; the host reads them through this.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if all(getattr(leaf, 'is_fully_addressable', True) for leaf in leaves):
+    return tree
+  return _replicator(tuple(NamedSharding(leaf.sharding.mesh, P()) for leaf in leaves), treedef)(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(shardings: tuple, treedef) -> Callable:
+  return jax.jit(lambda tree: tree, out_shardings=jax.tree.unflatten(treedef, shardings))
 
 
 def device_model(model: nn.Module, cross_device_stats: str, local_batch: int) -> nn.Module:

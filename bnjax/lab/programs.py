@@ -277,9 +277,15 @@ RUNS_AXIS = 'runs'
 
 
 def lane_mesh(num_lanes: int):
-  """A 1-D mesh of this process's devices along `RUNS_AXIS` for a group of `num_lanes` runs, or None (one device)."""
+  """A 1-D mesh along `RUNS_AXIS` for a group of `num_lanes` runs, or None (one device, one process).
+
+  Its devices: this process's, or every process's devices under
+  `jax.distributed` (every process then trains the same group together).
+  """
   from jax.sharding import Mesh
 
+  if jax.process_count() > 1:
+    return Mesh(np.asarray(jax.devices()), (RUNS_AXIS,))
   devices = jax.local_devices()
   if len(devices) < 2 or num_lanes < 2:
     return None
@@ -293,7 +299,9 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   `runs` mesh axis: each device trains K/D runs, with no communication per
   step (the lanes are independent; the data is replicated). K that doesn't
   divide by D is padded with copies of the last run, whose results are
-  dropped (`Program.padding`): D - 1 idle lanes at most.
+  dropped (`Program.padding`): D - 1 idle lanes at most. Under
+  `jax.distributed` the mesh spans every process's devices: each process
+  passes the same runs, and every metric comes back whole to every process.
   """
   keys = {config_lib.group_key(c) for c in configs}
   if len(keys) != 1:
@@ -317,24 +325,28 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec
 
-    state, hparams = jax.device_put((state, hparams), NamedSharding(mesh, PartitionSpec(RUNS_AXIS)))
+    state, hparams = parallel.put((state, hparams), NamedSharding(mesh, PartitionSpec(RUNS_AXIS)))
     dataset = parallel.replicate(dataset, mesh)
   train = _by_freezing(lambda frozen: _compiled_by_length(f['train'](frozen), dataset.train_images,
                                                           dataset.train_labels))
   evaluators = {stats: fn or f['evaluate']['moving'] for stats, fn in f['evaluate'].items()}
 
+  def train_chunk(state, indices, frozen=False):
+    state, metrics = train(frozen)(state, indices, hparams)
+    return state, parallel.gather(metrics)
+
   def evaluate(state, split, stats):
     images, labels = _split(dataset, split)
-    return evaluators[stats](state, images, labels, hparams)
+    return parallel.gather(evaluators[stats](state, images, labels, hparams))
 
   return Program(
       configs=list(configs), state=state, plan=plan, step_loop=f['step_loop'],
-      train_chunk=lambda state, indices, frozen=False: train(frozen)(state, indices, hparams),
+      train_chunk=train_chunk,
       compile_chunk=lambda state, indices, frozen=False: train(frozen).compile_for(state, indices, hparams),
       precise=lambda state, indices: f['precise'](dataset.train_images, state, indices, hparams),
       epoch_batches=lambda state, epoch: f['batches'](state, epoch, num_train, first.batch_size),
       evaluate=evaluate,
-      variance_shift=lambda state: f['shift'](
-          state, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams),
+      variance_shift=lambda state: parallel.gather(f['shift'](
+          state, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams)),
       has_moving_statistics=f['moving_statistics'], padding=padding,
   )

@@ -28,6 +28,7 @@ lane); a group that raises records each of its runs with the error.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -299,19 +300,28 @@ def run_sweep(
   """
   import jax
 
+  from bnjax.lab import parallel
+
   if max_group_size is not None and max_group_size < 1:
     raise ValueError(f'--max_group_size={max_group_size} is invalid: expected a positive integer (or unset for '
                      'no cap).')
+  # Under jax.distributed every process trains every group together (its lanes span every process's devices);
+  # process 0 alone reads and writes the sweep's files and claims, and tells the others what to train.
+  main = parallel.is_main_process()
+  log = log if main else (lambda message: None)
   sweep_dir = Path(sweep_dir)
-  (sweep_dir / 'runs').mkdir(parents=True, exist_ok=True)
   ids = [run_id(c) for c in configs]
-  storage.write_json_atomic(sweep_dir / 'sweep.json', {'command': command, 'run_ids': ids})
-  done = finished_runs(sweep_dir)
+  if main:
+    (sweep_dir / 'runs').mkdir(parents=True, exist_ok=True)
+    storage.write_json_atomic(sweep_dir / 'sweep.json', {'command': command, 'run_ids': ids})
+  done = finished_runs(sweep_dir) if main else {}
   # Runs that raised are tried again (the cause may be fixed); completed and diverged ones are kept.
-  todo = [c for c, i in zip(configs, ids) if done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR]
-  groups = one_run_per_conv_group(group_runs(todo, max_group_size), jax.default_backend(), jax.local_device_count())
+  to_train = _from_main([done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR for i in ids])
+  todo = [c for c, train in zip(configs, to_train) if train]
+  groups = one_run_per_conv_group(group_runs(todo, max_group_size), jax.default_backend(), jax.device_count())
   log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)'
-      + (f' (worker {worker_index + 1} of {num_workers})' if num_workers > 1 else ''))
+      + (f' (worker {worker_index + 1} of {num_workers})' if num_workers > 1 else '')
+      + (f' on the {jax.device_count()} devices of {jax.process_count()} processes' if jax.process_count() > 1 else ''))
   datasets: dict[tuple, Any] = {}
   cache: dict = {}
   owner = f'{socket.gethostname()}:{os.getpid()}:worker{worker_index}'
@@ -319,24 +329,44 @@ def run_sweep(
   start = len(groups) * worker_index // max(num_workers, 1)
   for index in [*range(start, len(groups)), *range(start)]:
     members = groups[index]
-    if all(finished_runs_of(sweep_dir, members).get(run_id(c), {}).get('status', STATUS_ERROR) != STATUS_ERROR
-           for c in members):
-      continue  # another worker trained it meanwhile
-    claim = storage.claim(sweep_dir / 'claims' / group_folder_name(members), owner=owner, stale_after=claim_timeout)
-    if claim is None:
-      log(f'group {index + 1}: claimed by another worker; skipped')
+    claim = None
+    if main and any(finished_runs_of(sweep_dir, members).get(run_id(c), {}).get('status', STATUS_ERROR) == STATUS_ERROR
+                    for c in members):  # (else another worker trained it meanwhile)
+      claim = storage.claim(sweep_dir / 'claims' / group_folder_name(members), owner=owner, stale_after=claim_timeout)
+      if claim is None:
+        log(f'group {index + 1}: claimed by another worker; skipped')
+    if not _from_main(claim is not None):
       continue
-    with claim:
-      _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log)
+    with claim or contextlib.nullcontext():
+      _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
+                        write=main)
     if interrupt_after_groups is not None and index + 1 == interrupt_after_groups and index + 1 < len(groups):
       raise Interrupted(f'interrupted after group {index + 1} (fault injection)')
-  write_results(sweep_dir, ids)
-  if report:
-    from bnjax.lab import report as report_lib
+  if main:
+    write_results(sweep_dir, ids)
+    if report:
+      from bnjax.lab import report as report_lib
 
-    report_lib.write_report(sweep_dir / 'results.csv', command=command, log=log)
+      report_lib.write_report(sweep_dir / 'results.csv', command=command, log=log)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('bnjax sweep written')  # the others read the records process 0 wrote
   done = finished_runs(sweep_dir)
   return [done[i] for i in ids if i in done]
+
+
+def _from_main(value):
+  """`value` as process 0 has it (every process under jax.distributed; the value itself in one process)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return value
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  result = multihost_utils.broadcast_one_to_all(np.asarray(value))
+  return result.tolist() if isinstance(value, list) else bool(result)
 
 
 def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[str, dict]:
@@ -344,8 +374,9 @@ def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[st
   return _read_records(Path(sweep_dir, 'runs', f'{run_id(config)}.json') for config in members)
 
 
-def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log):
-  """Trains one group (a claimed one) and writes its records and results.csv."""
+def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
+                      *, write=True):
+  """Trains one group (a claimed one) and writes (`write`: process 0) its records and results.csv."""
   import jax
 
   from bnjax.lab import build, rundir
@@ -355,8 +386,8 @@ def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, c
     key = build.dataset_key(members[0])
     if key not in datasets:
       datasets[key] = build.dataset(members[0], put=jax.device_put)
-    folders = [rundir.RunFolder(sweep_dir / 'runs' / run_id(c), c) for c in members]
-    for folder in folders:
+    folders = [rundir.RunFolder(sweep_dir / 'runs' / run_id(c), c) for c in members] if write else None
+    for folder in folders or []:
       folder.write_config({'command': command})
     group_dir = sweep_dir / 'groups' / group_folder_name(members)
     records, _ = train_group(members, datasets[key], cache=cache, folders=folders,
@@ -368,6 +399,8 @@ def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, c
     records = _error_records(members, error)
     log(f'group {index + 1} failed: {records[0]["error"]}')
   seconds = time.perf_counter() - timer
+  if not write:
+    return
   for config, record in zip(members, records):
     record.update(run_id=run_id(config), group_id=group_key(config), config=config.to_dict(),
                   seconds=seconds / len(members), group_seconds=seconds, group_size=len(members))
