@@ -46,7 +46,7 @@ shift || true
 case "$job" in
   test)
     ensure_venv
-    exec "$VENV/bin/python" -m pytest -n 2 "$@"
+    exec "$VENV/bin/python" -m pytest -n 2 --dist worksteal "$@"
     ;;
   train)
     ensure_venv

@@ -22,7 +22,8 @@ Host memory: XLA:CPU allocates a step's temporaries (70 MB at batch 32) as one
 block per call; glibc serves a block that large with a fresh mmap, so every
 step page-faults it in again (~40 ms of kernel time per step at batch 32).
 `--allocator retain` (the default here) tells glibc, before JAX starts its
-threads, to keep freed memory for reuse (`retain_freed_memory`);
+threads, to keep freed memory for reuse (`bnjax.lab.host.retain_freed_memory`, which the
+CLIs apply too: `--host_allocator`);
 `--allocator glibc` leaves glibc's defaults. The setting holds for the whole
 process, PyTorch included. The figures to compare are the ratios printed
 (this machine is shared and noisy); `os.getloadavg()` is printed beside them.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import gzip
 import json
 import os
@@ -45,32 +45,14 @@ import time
 import types
 from pathlib import Path
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def retain_freed_memory() -> bool:
-  """Make glibc malloc keep freed memory for reuse instead of unmapping it; True if it took.
-
-  One arena for all threads (XLA's executor threads included), no mmap for
-  large blocks (they come from the heap), no trimming of the heap's top. Call
-  it before JAX creates its CPU client (threads that already have an arena
-  keep it). The same as starting the process with
-  `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`.
-  """
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:
-    return False
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-  return all(libc.mallopt(option, value) == 1 for option, value in settings)
+from bnjax.lab import host
 
 
 def _early_setup(argv) -> str:
   """What must happen before JAX starts: the allocator, and the profiler's per-thunk events."""
   allocator = 'glibc'
   if '--allocator=glibc' not in argv and not ('--allocator' in argv and argv[argv.index('--allocator') + 1] == 'glibc'):
-    allocator = 'retain' if retain_freed_memory() else 'glibc (mallopt failed)'
+    allocator = 'retain' if host.retain_freed_memory() else 'glibc (mallopt failed)'
   if '--profile' in argv:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true').strip()
   return allocator

@@ -45,7 +45,7 @@ def measure(epochs: int) -> dict:
     records = sweep.run_sweep(configs, folder, report=False, log=lambda message: None)
     seconds = time.perf_counter() - start
   return {'devices': jax.local_device_count(), 'seconds': seconds,
-          'train_seconds': [r['train_seconds'] for r in records],
+          'train_seconds': [r['train_seconds'] for r in records],  # each lane's: the group's epochs
           'compile_seconds': records[0]['compile_seconds'],
           'accuracy': [r['test_accuracy_moving_stats'] for r in records],
           'batch_accuracy': [r['test_accuracy_batch_stats'] for r in records]}
@@ -78,7 +78,7 @@ def main():
       runs[devices].append(run_once(devices, args.epochs))
       last = runs[devices][-1]
       print(f'round {round_index + 1}: {devices} device(s): sweep {last["seconds"]:.1f} s '
-            f'(training {statistics.median(last["train_seconds"]) * len(MOMENTA):.1f} s, compile '
+            f'(training the group {statistics.median(last["train_seconds"]):.1f} s, compile '
             f'{last["compile_seconds"]:.1f} s)', flush=True)
   print(f'{os.cpu_count()} CPU cores; 8 momenta x MNIST MLP, batch 500, {args.epochs} epoch(s), one vmapped group; '
         f'medians of {args.rounds} rounds:')

@@ -22,7 +22,7 @@ SCRIPTS = Path(__file__).parent / 'scripts'
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+  return dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
               PYTHONPATH=str(REPO))
 
 

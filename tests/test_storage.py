@@ -163,9 +163,11 @@ def test_stale_claim_is_taken_over_by_exactly_one_of_six_racers(fast_dir):
     racers = [_spawn('claim', path, 5, start, f'racer-{i}') for i in range(6)]
     outcomes = sorted(_finish(r).strip() for r in racers)
     assert outcomes == ['lost'] * 5 + ['won'], outcomes
-    assert storage.claim(path, owner='late', stale_after=5) is None
     assert storage.read_json(path / '00000001.claim')['owner'].startswith('racer-')
     assert sorted(os.listdir(path)) == ['00000000.claim', '00000001.claim']
+    # The winner has exited without releasing: on this machine that is seen at once, not after 5 s.
+    late = storage.claim(path, owner='late', stale_after=5)
+    assert late is not None and late.generation == 2
 
 
 def test_live_claim_with_heartbeats_is_never_taken_over(tmp_path):
@@ -192,8 +194,7 @@ def test_claim_released_when_the_block_raises(tmp_path):
   assert storage.claim(tmp_path / 'group', owner='w', stale_after=60) is not None
 
 
-def test_killed_worker_claim_becomes_claimable_after_stale_after(fast_dir):
-  path, stale_after = fast_dir / 'group', 1.0
+def _killed_holder(path, stale_after):
   holder = _spawn('hold', path, stale_after)
   try:
     assert holder.stdout.readline() == 'claimed\n', holder.stderr.read()
@@ -201,10 +202,31 @@ def test_killed_worker_claim_becomes_claimable_after_stale_after(fast_dir):
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.communicate(timeout=10)
+
+
+def test_a_worker_killed_on_this_machine_is_taken_over_at_once(fast_dir):
+  path = fast_dir / 'group'
+  _killed_holder(path, 600.0)
+  taken = storage.claim(path, owner='w', stale_after=600.0)  # its process is gone: no need to wait 600 s
+  assert taken is not None and taken.generation == 1
+
+
+def test_a_silent_worker_elsewhere_becomes_claimable_after_stale_after(fast_dir):
+  path, stale_after = fast_dir / 'group', 1.0
+  _killed_holder(path, stale_after)
+  entry = next(path.glob('*.claim'))
+  record = json.loads(entry.read_text())
+  entry.write_text(json.dumps(dict(record, host='another-machine', heartbeat=time.time())))  # we can't see its pid
   assert storage.claim(path, owner='w', stale_after=stale_after) is None  # its last heartbeat is still recent
   time.sleep(stale_after + 0.05)
   taken = storage.claim(path, owner='w', stale_after=stale_after)
   assert taken is not None and taken.generation == 1
+
+
+def test_a_live_holder_on_this_machine_keeps_its_claim():
+  record = {'host': storage.socket.gethostname(), 'boot_id': storage._boot_id(), 'pid': os.getppid()}
+  assert not storage.holder_died_here(record)  # a live process
+  assert not storage.holder_died_here(dict(record, boot_id='another boot'))
 
 
 def test_former_owner_cannot_release_or_heartbeat_a_taken_over_claim(tmp_path):

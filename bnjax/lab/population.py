@@ -78,7 +78,12 @@ def _train_state(config, dataset, log):
 
 
 def precise_accuracy_curve(program, examples: Sequence[int]) -> dict[int, float]:
-  """Test accuracy with precise statistics from the first N examples of a fixed permutation, for each N."""
+  """Test accuracy with precise statistics from the first N examples of a fixed permutation.
+
+  The statistics come from whole training batches, so N is rounded up to a
+  multiple of the batch size (at most the epoch's batches): the curve's keys
+  are the examples actually used.
+  """
   import jax
 
   config = program.configs[0]
@@ -86,8 +91,9 @@ def precise_accuracy_curve(program, examples: Sequence[int]) -> dict[int, float]
   curve = {}
   for n in examples:
     steps = min(indices.shape[0], -(-n // config.batch_size))
-    state = program.precise(program.state, indices[:steps])
-    curve[n] = float(jax.device_get(program.evaluate(state, 'test', 'moving').accuracy()[0]))
+    if steps * config.batch_size not in curve:
+      state = program.precise(program.state, indices[:steps])
+      curve[steps * config.batch_size] = float(jax.device_get(program.evaluate(state, 'test', 'moving').accuracy()[0]))
   return curve
 
 
@@ -104,13 +110,12 @@ def study_precise_examples(out: Path, settings: Mapping, data_dir: str | None, l
   curves, moving = {}, {}
   for label, config in models.items():
     program, summary = _train_state(config, build.dataset(config, put=jax.device_put), log)
-    available = program.plan.steps_per_epoch * config.batch_size
-    curves[label] = precise_accuracy_curve(program, [n for n in settings['examples'] if n <= available] + [available])
+    curves[label] = precise_accuracy_curve(program, settings['examples'])
     moving[label] = summary['test_accuracy_moving_stats']
   examples = sorted({n for curve in curves.values() for n in curve})
   rows = [[n] + [f'{curves[label][n]:.4f}' if n in curves[label] else '-' for label in models] for n in examples]
   rows.append(['moving averages (EMA)'] + [f'{moving[label]:.4f}' for label in models])
-  table = markdown_table(['examples for precise BN'] + list(models), rows)
+  table = markdown_table(['examples for precise BN (whole batches)'] + list(models), rows)
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for index, label in enumerate(models):

@@ -355,10 +355,14 @@ def shift_at_init(config: TrainConfig, images) -> dict:
 
   model = build.model(dataclasses.replace(config, momentum=0.0))
   images = diagnostics.probe_examples(images, config.virtual_batch_size)
-  key = jax.random.PRNGKey(config.seed)
-  variables = model.init(key, images[: config.virtual_batch_size or 2], train=False)
-  variables = diagnostics.with_batch_statistics(model, variables, images, jax.random.fold_in(key, 1))
-  return diagnostics.shift_summary(diagnostics.variance_shift(model, variables, images, jax.random.fold_in(key, 2)))
+
+  @jax.jit  # one program (op by op, a CNN's passes took seconds each)
+  def shift(images, key):
+    variables = model.init(key, images[: config.virtual_batch_size or 2], train=False)
+    variables = diagnostics.with_batch_statistics(model, variables, images, jax.random.fold_in(key, 1))
+    return diagnostics.variance_shift(model, variables, images, jax.random.fold_in(key, 2))
+
+  return diagnostics.shift_summary(shift(images, jax.random.PRNGKey(config.seed)))
 
 
 def _add_shift_at_init(records: Sequence[dict]) -> None:

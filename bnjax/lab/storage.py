@@ -214,10 +214,42 @@ def entry_is_live(record: dict | None, mtime: float, now: float, stale_after: fl
   """
   if record is not None and record.get('released'):
     return False
+  if record is not None and holder_died_here(record):
+    return False
   heartbeat = record.get('heartbeat') if record is not None else None
   if not isinstance(heartbeat, (int, float)):
     heartbeat = mtime
   return now - heartbeat <= stale_after
+
+
+def _boot_id() -> str | None:
+  """This kernel's boot id (Linux), None elsewhere: with the host name it says 'this machine, this boot'."""
+  try:
+    return Path('/proc/sys/kernel/random/boot_id').read_text().strip() or None
+  except OSError:
+    return None
+
+
+def holder_died_here(record: dict) -> bool:
+  """Whether a claim's holder ran on this machine, in this boot, and its process is gone (killed, Ctrl-C).
+
+  Such a claim is taken over at once instead of after `stale_after` seconds
+  (a user re-running a sweep they stopped doesn't wait for the heartbeat to
+  age). Holders elsewhere, or where the machine can't tell, only go stale.
+  """
+  boot_id = _boot_id()
+  pid = record.get('pid')
+  if boot_id is None or record.get('boot_id') != boot_id or record.get('host') != socket.gethostname():
+    return False
+  if not isinstance(pid, int) or pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # it exists (another user's process: EPERM)
+    return False
+  return False
 
 
 def _claim_folder(path: str | os.PathLike) -> Path:
@@ -264,7 +296,7 @@ def claim(path: str | os.PathLike, *, owner: str, stale_after: float) -> Claim |
       if entry_is_live(record, mtime, time.time(), stale_after):
         return None
     now = time.time()
-    record = {'owner': owner, 'host': socket.gethostname(), 'pid': os.getpid(), 'started': now,
+    record = {'owner': owner, 'host': socket.gethostname(), 'boot_id': _boot_id(), 'pid': os.getpid(), 'started': now,
               'heartbeat': now, 'generation': generation}
     try:
       _create_exclusive(_entry_path(directory, generation), json_text(record).encode('utf-8'))
