@@ -55,7 +55,8 @@ def main(argv):
                        f'(seed003); the other studies run with experiments/study.py.')
     study = studies.get(name)
     root = Path(settings.pop('workdir', None) or default_workdir(FLAGS.preset, settings))
-    configs = {name: config_lib.make({**study.budgets['cpu'], **fields, **settings})
+    base = studies.settings_for(study.name, 'cpu', settings)  # (--steps replaces the preset's --epochs)
+    configs = {name: config_lib.make({**base, **fields, **settings})
                for name, fields in studies.PRESET_VARIANTS[study.name].items()}
   else:
     root = Path(settings.pop('workdir', None) or default_workdir(None, settings))

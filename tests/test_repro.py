@@ -160,3 +160,11 @@ def test_cli_runs_a_study(tmp_path, data_dir):
   assert '| step | test accuracy without BN |' in result.stdout
   saved = json.loads((tmp_path / 'repro_fig1' / 'results.json').read_text())
   assert saved['settings']['steps'] == 20 and 'experiments/repro.py' in saved['command']
+
+
+def test_steps_or_epochs_given_replaces_the_studys_other_length():
+  settings = studies.settings_for('cifar_cnn', 'cpu', {'steps': '300'})
+  assert settings['steps'] == 300 and 'epochs' not in settings
+  settings = studies.settings_for('renorm', 'cpu', {'epochs': '2'})  # a grid study set in steps
+  assert settings['epochs'] == 2 and 'steps' not in settings
+  assert studies.settings_for('cifar_cnn', 'cpu', {'steps': '300', 'epochs': '2'})['epochs'] == 2  # both given: both

@@ -275,6 +275,11 @@ def settings_for(name: str, budget: str, overrides: Mapping[str, Any] | None = N
       raise ValueError(f'study {study.name} has no setting --{key}; its settings are '
                        f'{sorted(settings) + (["every training option"] if study.grid else [])}.')
     settings[key] = _parse(study, settings, key, value) if isinstance(value, str) else value
+  if study.grid:
+    # --steps and --epochs are two ways to say how long: the one given replaces the study's other one.
+    for given, other in (('steps', 'epochs'), ('epochs', 'steps')):
+      if given in (overrides or {}) and other not in (overrides or {}) and settings.get(given) is not None:
+        settings.pop(other, None)
   return settings
 
 
