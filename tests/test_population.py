@@ -56,7 +56,7 @@ def test_small_batch_configs_cover_every_kind_at_every_ghost_size():
 
 
 def test_small_batch_norms_compares_every_kind(tmp_path, study_data_dir):
-  results, out = _run('small_batch_norms', tmp_path, study_data_dir, batch_size=32, ghost_sizes=[4], mlp_epochs=2,
+  results, out = _run('small_batch_norms', tmp_path, study_data_dir, batch_size=100, ghost_sizes=[4], mlp_epochs=2,
                       seeds=[0], cnn_epochs=0, freeze_epochs=1)
   kinds = {(r['config']['norm'], bool(r['config']['freeze_bn_after'])) for r in results['results']['MNIST MLP']}
   assert kinds == {('none', False), ('group', False), ('layer', False), ('ghost', False), ('renorm', False),
