@@ -94,6 +94,16 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def from_main_process(value):
+  """`value` (a bool or a list of bools) as process 0 has it: its decisions, the same in every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  result = multihost_utils.broadcast_one_to_all(np.asarray(value))
+  return result.tolist() if isinstance(value, list) else bool(result)
+
+
 def resolve_num_devices(num_devices: int | None) -> int:
   """`num_devices`, or every device of every process when None; checked against what exists."""
   available = jax.device_count()

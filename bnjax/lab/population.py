@@ -22,7 +22,7 @@ import numpy as np
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import report as report_lib
-from bnjax.lab.repro import _MNIST, CIFAR, _plt, _save, _sweep, _with, cell, renorm_warmup_scaled
+from bnjax.lab.repro import _MNIST, CIFAR, _plt, _save, _sweep, _with, cell, ghost_bn, ghost_renorm, in_steps
 from bnjax.lab.report import markdown_table
 
 
@@ -142,18 +142,13 @@ def small_batch_configs(base, ghost_sizes: Sequence[int], seeds: Sequence[int], 
 
   `base` gives the run's length in `steps` (`epochs` of them), so that renorm's warm-up scales to it.
   """
-  batch = base.batch_size
   configs = []
   for seed in seeds:
     configs += [dataclasses.replace(base, norm=norm, seed=seed) for norm in ('none', 'group', 'layer')]
     for ghost in ghost_sizes:
-      bn = dict(norm='bn') if ghost == batch else dict(norm='ghost', virtual_batch_size=ghost)
-      configs.append(dataclasses.replace(base, seed=seed, **bn))
-      configs.append(renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', seed=seed,
-                                                              virtual_batch_size=ghost)))
+      configs += [ghost_bn(base, ghost, seed=seed), ghost_renorm(base, ghost, seed=seed)]
       if freeze_epochs and epochs > freeze_epochs:
-        configs.append(dataclasses.replace(base, seed=seed, freeze_bn_after=epochs - freeze_epochs,
-                                           precise_bn=10_000, **bn))
+        configs.append(ghost_bn(base, ghost, seed=seed, freeze_bn_after=epochs - freeze_epochs, precise_bn=10_000))
   return [config_lib.validate(c) for c in configs]
 
 
@@ -163,23 +158,15 @@ def _kind(config: Mapping) -> str:
   return {'renorm': 'renorm', 'group': 'group norm', 'layer': 'layer norm', 'none': 'no norm'}[config['norm']]
 
 
-def _in_steps(settings: dict, epochs: int):
-  """The base config of a part, its length in steps (renorm's warm-up scales to them)."""
-  from bnjax.lab import build
-
-  config = config_lib.unchecked(settings)
-  steps = epochs * build.steps_per_epoch(config, build.dataset(config).train_images.shape[0])
-  return dataclasses.replace(config, steps=steps, epochs=config_lib.DEFAULTS.epochs), epochs
-
-
 def study_small_batch_norms(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   batch = settings['batch_size']
-  parts = {'MNIST MLP': _in_steps(dict(_MNIST, batch_size=batch, data_dir=data_dir), settings['mlp_epochs'])}
+  part_of = lambda part_settings, epochs: (in_steps(config_lib.unchecked(part_settings), epochs), epochs)
+  parts = {'MNIST MLP': part_of(dict(_MNIST, batch_size=batch, data_dir=data_dir), settings['mlp_epochs'])}
   if settings['cnn_epochs']:
     # A new study, no numbers to keep: the CNN takes the CPU fast paths (exactly XLA's layers off CPU).
     cifar = {k: v for k, v in CIFAR.items() if k != 'epochs'}
-    parts['CIFAR-10 CNN'] = _in_steps(dict(cifar, batch_size=batch, data_dir=data_dir, conv_impl='cpu_fast'),
-                                      settings['cnn_epochs'])
+    parts['CIFAR-10 CNN'] = part_of(dict(cifar, batch_size=batch, data_dir=data_dir, conv_impl='cpu_fast'),
+                                    settings['cnn_epochs'])
   rows, results = [], {}
   plt = _plt()
   fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4), squeeze=False)

@@ -284,10 +284,9 @@ def lane_mesh(num_lanes: int):
   """
   from jax.sharding import Mesh
 
-  if jax.process_count() > 1:
-    return Mesh(np.asarray(jax.devices()), (RUNS_AXIS,))
-  devices = jax.local_devices()
-  if len(devices) < 2 or num_lanes < 2:
+  distributed = jax.process_count() > 1
+  devices = jax.devices() if distributed else jax.local_devices()
+  if not distributed and (len(devices) < 2 or num_lanes < 2):
     return None
   return Mesh(np.asarray(devices), (RUNS_AXIS,))
 

@@ -452,23 +452,34 @@ def study_dropout(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 # 6. Batch renorm at small (ghost) batches.
 
 
-def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
+def in_steps(config: TrainConfig, epochs: int) -> TrainConfig:
+  """`config` trained for `epochs` epochs, said in steps (so that renorm's clipping warm-up can be scaled to
+  the run: `renorm_warmup_scaled`)."""
   from bnjax.lab import build
 
+  steps = epochs * build.steps_per_epoch(config, build.dataset(config).train_images.shape[0])
+  return dataclasses.replace(config, steps=steps, epochs=config_lib.DEFAULTS.epochs)
+
+
+def ghost_bn(base: TrainConfig, ghost: int, **fields) -> TrainConfig:
+  """BN with statistics over ghost batches of `ghost` examples (plain BN when that is the whole batch)."""
+  norm = dict(norm='bn') if ghost == base.batch_size else dict(norm='ghost', virtual_batch_size=ghost)
+  return dataclasses.replace(base, **norm, **fields)
+
+
+def ghost_renorm(base: TrainConfig, ghost: int, **fields) -> TrainConfig:
+  """Batch renorm over ghost batches of `ghost` examples, with the paper's warm-up scaled to the run."""
+  return renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', virtual_batch_size=ghost, **fields))
+
+
+def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   batch = settings['batch_size']
-  base = TrainConfig(**_MNIST, batch_size=batch, data_dir=data_dir)
-  # In steps, so that renorm's clipping warm-up can be scaled to the run (renorm_warmup_scaled).
-  steps = settings['epochs'] * build.steps_per_epoch(base, build.dataset(base).train_images.shape[0])
-  base = dataclasses.replace(base, steps=steps)
+  base = in_steps(TrainConfig(**_MNIST, batch_size=batch, data_dir=data_dir), settings['epochs'])
   configs = []
   for seed in settings['seeds']:
     configs.append(dataclasses.replace(base, norm='none', seed=seed))
     for ghost in settings['ghost_sizes']:
-      norm_kind = 'bn' if ghost == batch else 'ghost'
-      configs.append(dataclasses.replace(base, norm=norm_kind, seed=seed,
-                                         virtual_batch_size=None if ghost == batch else ghost))
-      configs.append(renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', seed=seed,
-                                                                         virtual_batch_size=ghost)))
+      configs += [ghost_bn(base, ghost, seed=seed), ghost_renorm(base, ghost, seed=seed)]
   configs = [config_lib.validate(c) for c in configs]
   records = _sweep(configs, out / 'sweep', log)
   kinds = {'bn': lambda c: c['norm'] in ('bn', 'ghost'), 'renorm': lambda c: c['norm'] == 'renorm'}
@@ -500,7 +511,7 @@ def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dic
   ax.set_ylabel('test accuracy (moving statistics)')
   ax.grid(alpha=0.3)
   ax.legend()
-  ax.set_title(f'MNIST MLP, {steps} steps')
+  ax.set_title(f'MNIST MLP, {base.steps} steps')
   _save(fig, out / 'renorm.png')
   return {'table': table, 'results': [{k: r.get(k) for k in ('config', 'test_accuracy_moving_stats',
                                                               'test_accuracy_batch_stats', 'best_val_accuracy')}

@@ -316,7 +316,7 @@ def run_sweep(
     storage.write_json_atomic(sweep_dir / 'sweep.json', {'command': command, 'run_ids': ids})
   done = finished_runs(sweep_dir) if main else {}
   # Runs that raised are tried again (the cause may be fixed); completed and diverged ones are kept.
-  to_train = _from_main([done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR for i in ids])
+  to_train = parallel.from_main_process([done.get(i, {}).get('status', STATUS_ERROR) == STATUS_ERROR for i in ids])
   todo = [c for c, train in zip(configs, to_train) if train]
   groups = one_run_per_conv_group(group_runs(todo, max_group_size), jax.default_backend(), jax.device_count())
   log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)'
@@ -335,7 +335,7 @@ def run_sweep(
       claim = storage.claim(sweep_dir / 'claims' / group_folder_name(members), owner=owner, stale_after=claim_timeout)
       if claim is None:
         log(f'group {index + 1}: claimed by another worker; skipped')
-    if not _from_main(claim is not None):
+    if not parallel.from_main_process(claim is not None):
       continue
     with claim or contextlib.nullcontext():
       _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
@@ -354,19 +354,6 @@ def run_sweep(
     multihost_utils.sync_global_devices('bnjax sweep written')  # the others read the records process 0 wrote
   done = finished_runs(sweep_dir)
   return [done[i] for i in ids if i in done]
-
-
-def _from_main(value):
-  """`value` as process 0 has it (every process under jax.distributed; the value itself in one process)."""
-  import jax
-
-  if jax.process_count() == 1:
-    return value
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  result = multihost_utils.broadcast_one_to_all(np.asarray(value))
-  return result.tolist() if isinstance(value, list) else bool(result)
 
 
 def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[str, dict]:
