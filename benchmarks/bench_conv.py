@@ -55,7 +55,17 @@ def _early_setup(argv) -> str:
     allocator = 'retain' if host.retain_freed_memory() else 'glibc (mallopt failed)'
   if '--profile' in argv:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true').strip()
+  host.split_cpu(_flag_value(argv, '--cpu_devices', host.AUTO))
   return allocator
+
+
+def _flag_value(argv, name, default):
+  for i, arg in enumerate(argv):
+    if arg.startswith(name + '='):
+      return arg.split('=', 1)[1]
+    if arg == name and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
 
 
 ALLOCATOR = _early_setup(sys.argv) if __name__ == '__main__' else 'glibc'
@@ -63,7 +73,7 @@ ALLOCATOR = _early_setup(sys.argv) if __name__ == '__main__' else 'glibc'
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
-from bnjax.lab import engine, models  # noqa: E402
+from bnjax.lab import engine, models, parallel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import FlaxCNN, bnjax_engine, flax_recipe  # noqa: E402
@@ -98,6 +108,31 @@ def engine_contender(images, labels, batch, conv=False, pool=False):
   with layers_before_17(conv, pool):
     run = bnjax_engine(models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast'), images, labels, batch, LR)
     run(1)
+  return run
+
+
+def data_parallel_contender(images, labels, batch):
+  """bnjax's engine as the CLIs run it with `--cpu_devices`: data-parallel over every CPU device, BN synchronized."""
+  import optax
+
+  mesh = parallel.make_mesh()
+  model = models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast')
+  tx = optax.adam(LR)
+  state = engine.init_train_state(model, tx, 0, images[:1])
+  batches = engine.epoch_batches(state, 0, images.shape[0], batch)
+  steps = jax.jit(parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True), donate_argnums=0)
+  holder = [parallel.replicate(state, mesh)]
+  images, labels = parallel.replicate((images, labels), mesh)
+  counter = [0]
+
+  def run(count):
+    for _ in range(count):
+      i = counter[0] % batches.shape[0]
+      counter[0] += 1
+      holder[0], metrics = steps(holder[0], images, labels, batches[i : i + 1])
+    jax.block_until_ready(metrics)
+
+  run(1)
   return run
 
 
@@ -168,6 +203,9 @@ def contenders(batch, torch_compile=False):
   found['bnjax engine, before #17 (nn.Conv, nn.max_pool)'] = engine_contender(images, labels, batch, conv=True, pool=True)
   found['bnjax engine, conv.Conv + nn.max_pool'] = engine_contender(images, labels, batch, pool=True)
   found['bnjax engine (conv.Conv, conv.max_pool)'] = engine_contender(images, labels, batch)
+  if jax.device_count() > 1 and batch % jax.device_count() == 0:
+    found[f'bnjax engine, data-parallel over {jax.device_count()} CPU devices'] = data_parallel_contender(
+        images, labels, batch)
   recipe = flax_recipe(FlaxCNN(), images, labels, batch, LR)
   recipe(1)
   found['flax recipe (nn.Conv, nn.BatchNorm)'] = recipe
@@ -385,8 +423,12 @@ def main():
   parser.add_argument('--torch_compile', action='store_true', help='add a torch.compile row')
   parser.add_argument('--profile', action='store_true', help='print where one step goes instead of timing')
   parser.add_argument('--allocator', choices=('retain', 'glibc'), default='retain')
+  parser.add_argument('--cpu_devices', default=host.AUTO,
+                      help="the CPU as this many JAX devices (the CLIs' --cpu_devices; default 'auto': one per core) "
+                           'for the data-parallel row; the other bnjax rows run on the first device')
   args = parser.parse_args()
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; allocator: {ALLOCATOR}; '
+  print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} cores; '
+        f'allocator: {ALLOCATOR}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   for batch in args.batch:
     steps = args.steps or max(1, 128 // batch)

@@ -1,11 +1,13 @@
-"""bnjax.lab.host: the CLIs' host allocator setting."""
+"""bnjax.lab.host: the CLIs' host settings (allocator, CPU devices)."""
 
+import json
 import platform
 
 import pytest
 
 from bnjax.lab import host
 from conftest import run_script
+from fixtures import write_learnable_mnist
 
 
 @pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc', reason='glibc only')
@@ -24,4 +26,46 @@ def test_the_cli_flag_rejects_an_unknown_allocator_in_one_line():
   result = run_script('train.py', '--host_allocator=bogus')
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr and '--host_allocator' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_devices_is_unset_auto_or_a_count():
+  assert host.parse_cpu_devices(None) is None
+  assert host.parse_cpu_devices('auto') == host.cpu_cores() >= 1
+  assert host.parse_cpu_devices('3') == 3
+
+
+@pytest.mark.parametrize('value', ['0', '-2', 'two'])
+def test_a_bad_cpu_device_count_is_named(value):
+  with pytest.raises(ValueError, match=f"--cpu_devices='{value}' is invalid"):
+    host.parse_cpu_devices(value)
+
+
+def _run_summary(tmp_path, name, *flags):
+  data_dir = write_learnable_mnist(tmp_path / 'data')
+  result = run_script('train.py', f'--data_dir={data_dir}', '--data_source=files', '--steps=8', '--batch_size=96',
+                      '--progress=false', f'--workdir={tmp_path / name}', *flags)
+  assert result.returncode == 0, result.stdout + result.stderr
+  folder = tmp_path / name
+  return (json.loads((folder / 'summary.json').read_text()), json.loads((folder / 'config.json').read_text()),
+          [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()])
+
+
+def test_the_cli_trains_over_cpu_devices_as_on_one(tmp_path):
+  """--cpu_devices=2: two CPU devices, data-parallel with synchronized BN: one device's numbers, up to rounding."""
+  one, one_config, one_history = _run_summary(tmp_path, 'one')
+  two, two_config, two_history = _run_summary(tmp_path, 'two', '--cpu_devices=2')
+  assert one_config['environment']['num_devices'] == 1
+  assert two_config['environment']['device_count'] == 2 and two_config['environment']['num_devices'] == 2
+  for key in ('final_train_accuracy', 'test_accuracy', 'test_accuracy_batch_stats', 'best_val_accuracy'):
+    assert abs(two[key] - one[key]) <= 0.01, (key, two[key], one[key])
+  for epoch_one, epoch_two in zip(one_history, two_history, strict=True):
+    assert epoch_two['train_loss'] == pytest.approx(epoch_one['train_loss'], rel=1e-3)
+    assert epoch_two['val_loss'] == pytest.approx(epoch_one['val_loss'], rel=1e-3)
+
+
+def test_the_cli_rejects_a_bad_cpu_device_count_in_one_line():
+  result = run_script('train.py', '--cpu_devices=0')
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr and "--cpu_devices='0' is invalid" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1

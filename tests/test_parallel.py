@@ -33,7 +33,8 @@ def test_eight_devices_equal_one_device_sync_and_local():
   assert 'all parallel checks passed' in result.stdout, result.stdout
   for name in ('sync losses', 'sync params', 'sync moving statistics', 'local losses = 1-device ghost',
                'local params = 1-device ghost', 'local moving statistics = 1-device ghost',
-               'indivisible batch rejected'):
+               'indivisible batch rejected', 'evaluation on 8 devices = 1 device (moving statistics)',
+               'evaluation on 8 devices = 1 device (batch statistics)'):
     assert f'ok {name}' in result.stdout, result.stdout
 
 

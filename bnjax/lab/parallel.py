@@ -242,3 +242,36 @@ def make_train_steps(
     return sharded(state, images, labels, batch_indices, hparams)
 
   return parallel_run
+
+
+def make_evaluate(model: nn.Module, mesh: Mesh, *, batch_size: int, eval_stats: str = 'moving') -> Callable:
+  """`engine.make_evaluate`'s `evaluate(state, images, labels, hparams) -> Metrics`, its work split over `mesh`.
+
+  With the moving statistics each example's prediction is its own: every
+  device evaluates a contiguous `1/D` of the (replicated) examples, in
+  batches of `batch_size / D`, and the metrics are summed over the devices;
+  the last `num % D` examples are evaluated on every device. With
+  `eval_stats='batch'` which examples share a batch is part of the result,
+  so that evaluation stays `engine.make_evaluate`'s, replicated (it runs
+  once, at the end of a run). Not jitted.
+  """
+  whole = engine.make_evaluate(model, batch_size=batch_size, eval_stats=eval_stats)
+  if eval_stats != 'moving' or mesh.size == 1:
+    return whole
+  local = engine.make_evaluate(model, batch_size=-(-batch_size // mesh.size))
+
+  def summed(state, images, labels, hparams):
+    return jax.tree.map(lambda total: jax.lax.psum(total, AXIS), local(state, images, labels, hparams))
+
+  # check_vma=False: the engine's scan starts its sums from (unvarying) zeros and adds each device's own metrics.
+  sharded = jax.shard_map(summed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=P(), check_vma=False)
+
+  def evaluate(state, images, labels, hparams=None):
+    split = images.shape[0] - images.shape[0] % mesh.size
+    totals = sharded(state, images[:split], labels[:split], hparams)
+    if split < images.shape[0]:
+      rest = whole(state, images[split:], labels[split:], hparams)
+      totals = jax.tree.map(lambda a, b: a + b, totals, rest)
+    return totals
+
+  return evaluate

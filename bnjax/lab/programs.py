@@ -156,9 +156,12 @@ def single(config, dataset, *, state=None) -> Program:
 
   train = _by_freezing(steps_for)
   moving_statistics = config_lib.has_moving_statistics(config)
-  evaluators = {'moving': jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size))}
-  evaluators['batch'] = (jax.jit(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats='batch'))
-                         if moving_statistics else evaluators['moving'])
+  if mesh is None:
+    make_evaluate = functools.partial(engine.make_evaluate, model, batch_size=config.eval_batch_size)
+  else:  # each device evaluates its share of the examples
+    make_evaluate = functools.partial(parallel.make_evaluate, model, mesh, batch_size=config.eval_batch_size)
+  evaluators = {'moving': jax.jit(make_evaluate())}
+  evaluators['batch'] = jax.jit(make_evaluate(eval_stats='batch')) if moving_statistics else evaluators['moving']
   batches = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
 
   def train_chunk(state, indices, frozen=False):
@@ -246,17 +249,33 @@ def lane_variance_shift(model, state, images, hparams):
   return diagnostics.variance_shift(model, variables, images, rng, hparams)
 
 
-def _lane_functions(config, total_steps: int) -> dict:
-  """The jitted vmapped functions of a group; they depend only on the group key (cached)."""
+def _lane_functions(config, total_steps: int, mesh=None) -> dict:
+  """The jitted vmapped functions of a group; they depend only on the group key and the mesh (cached).
+
+  With a `mesh` (`lane_mesh`) each device runs its own lanes: the vmapped
+  function under `shard_map` over `RUNS_AXIS`, not jit's SPMD partitioner,
+  which on XLA:CPU ran 2 lanes of cifar_cnn over 2 devices 3.8x slower
+  (1173 vs 305 ms per step). A device's lanes compute what one device computes
+  alone, equal up to rounding.
+  """
   model = build.model(config)
   optimizer = group_optimizer(config, total_steps)
   step_loop = engine.step_loop_for(model, config.step_loop)
-  vmapped = lambda fn, axes: jax.jit(jax.vmap(fn, in_axes=axes))
+
+  def vmapped(fn, axes, **jit_options):
+    fn = jax.vmap(fn, in_axes=axes)
+    if mesh is not None:
+      from jax.sharding import PartitionSpec
+
+      specs = tuple(PartitionSpec() if axis is None else PartitionSpec(RUNS_AXIS) for axis in axes)
+      # check_vma=False: the lanes never communicate, and scans start their sums from unvarying zeros.
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(RUNS_AXIS), check_vma=False)
+    return jax.jit(fn, **jit_options)
 
   def train_for(frozen: bool):
     steps = engine.make_train_steps(model, optimizer, update_stats=config.update_stats, freeze_norm=frozen,
                                     augment=augment_cifar if config.augment else None, unroll=step_loop == 'python')
-    return jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, 0)), donate_argnums=0)
+    return vmapped(steps, (0, None, None, 0, 0), donate_argnums=0)
 
   evaluate = lambda stats: vmapped(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats=stats),
                                    (0, None, None, 0))
@@ -310,11 +329,11 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   num_train = dataset.train_images.shape[0]
   plan = Plan.of(first, num_train)
   cache = {} if cache is None else cache
-  key = (keys.pop(), plan.total_steps)
-  if key not in cache:
-    cache[key] = _lane_functions(first, plan.total_steps)
-  f = cache[key]
   mesh = lane_mesh(len(configs)) if spread else None
+  key = (keys.pop(), plan.total_steps, mesh)
+  if key not in cache:
+    cache[key] = _lane_functions(first, plan.total_steps, mesh)
+  f = cache[key]
   padding = (-len(configs)) % mesh.size if mesh is not None else 0
   configs = list(configs) + [configs[-1]] * padding
   if state is None:

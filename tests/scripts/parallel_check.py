@@ -100,4 +100,15 @@ except ValueError as error:
 else:
   sys.exit('a batch of 60 on 8 devices was accepted')
 
+# Evaluation split over the devices equals one device's; 509 examples leave 5 outside the 8 shares.
+model = build.model(bn)
+trained = train(bn, 1)[1]
+mesh = parallel.make_mesh(DEVICES)
+for stats in ('moving', 'batch'):
+  want = jax.jit(engine.make_evaluate(model, batch_size=100, eval_stats=stats))(trained, images[:509], labels[:509])
+  got = jax.jit(parallel.make_evaluate(model, mesh, batch_size=100, eval_stats=stats))(
+      *parallel.replicate((trained, images[:509], labels[:509]), mesh))
+  assert float(got.count) == 509 and float(got.correct) == float(want.correct), (stats, got, want)
+  check(f'evaluation on 8 devices = 1 device ({stats} statistics)', got, want, TOL)
+
 print('all parallel checks passed')
