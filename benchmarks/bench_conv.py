@@ -120,9 +120,10 @@ def data_parallel_contender(images, labels, batch):
   tx = optax.adam(LR)
   state = engine.init_train_state(model, tx, 0, images[:1])
   batches = engine.epoch_batches(state, 0, images.shape[0], batch)
-  steps = jax.jit(parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True), donate_argnums=0)
   holder = [parallel.replicate(state, mesh)]
   images, labels = parallel.replicate((images, labels), mesh)
+  steps = jax.jit(parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True), donate_argnums=0).lower(
+      holder[0], images, labels, batches[:1]).compile()
   counter = [0]
 
   def run(count):
@@ -133,6 +134,7 @@ def data_parallel_contender(images, labels, batch):
     jax.block_until_ready(metrics)
 
   run(1)
+  run.compiled_text = steps.as_text()
   return run
 
 
@@ -382,6 +384,9 @@ def profile(batch, steps):
       run_step, text = _engine_step(model, images, labels, batch)
     run_step()
     columns[title] = profile_jax(run_step, text, steps)
+  if jax.device_count() > 1 and batch % jax.device_count() == 0:
+    run = data_parallel_contender(images, labels, batch)
+    columns[f'bnjax over {jax.device_count()} CPU devices'] = profile_jax(lambda: run(1), run.compiled_text, steps)
   run = torch_contender(batch)
   if run is not None:
     columns['pytorch'] = profile_torch(run, steps)
