@@ -5,7 +5,8 @@ import platform
 
 import pytest
 
-from bnjax.lab import host
+from bnjax.lab import config as config_lib
+from bnjax.lab import experiment, host
 from conftest import run_script
 from fixtures import write_learnable_mnist
 
@@ -41,20 +42,23 @@ def test_a_bad_cpu_device_count_is_named(value):
     host.parse_cpu_devices(value)
 
 
-def _run_summary(tmp_path, name, *flags):
-  data_dir = write_learnable_mnist(tmp_path / 'data')
-  result = run_script('train.py', f'--data_dir={data_dir}', '--data_source=files', '--steps=8', '--batch_size=96',
-                      '--progress=false', f'--workdir={tmp_path / name}', *flags)
-  assert result.returncode == 0, result.stdout + result.stderr
-  folder = tmp_path / name
+def _outputs(folder):
   return (json.loads((folder / 'summary.json').read_text()), json.loads((folder / 'config.json').read_text()),
           [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()])
 
 
 def test_the_cli_trains_over_cpu_devices_as_on_one(tmp_path):
   """--cpu_devices=2: two CPU devices, data-parallel with synchronized BN: one device's numbers, up to rounding."""
-  one, one_config, one_history = _run_summary(tmp_path, 'one')
-  two, two_config, two_history = _run_summary(tmp_path, 'two', '--cpu_devices=2')
+  data_dir = write_learnable_mnist(tmp_path / 'data')
+  settings = dict(data_dir=str(data_dir), data_source='files', steps=8, batch_size=96)
+  result = run_script('train.py', *(f'--{k}={v}' for k, v in settings.items()), '--progress=false',
+                      f'--workdir={tmp_path / "two"}', '--cpu_devices=2')
+  assert result.returncode == 0, result.stdout + result.stderr
+  # The reference on this process's one device.
+  experiment.run(config_lib.validate(config_lib.TrainConfig(**settings, workdir=str(tmp_path / 'one'))),
+                 progress=False, log=lambda message: None)
+  one, one_config, one_history = _outputs(tmp_path / 'one')
+  two, two_config, two_history = _outputs(tmp_path / 'two')
   assert one_config['environment']['num_devices'] == 1
   assert two_config['environment']['device_count'] == 2 and two_config['environment']['num_devices'] == 2
   for key in ('final_train_accuracy', 'test_accuracy', 'test_accuracy_batch_stats', 'best_val_accuracy'):
