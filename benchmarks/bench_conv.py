@@ -48,27 +48,36 @@ from pathlib import Path
 from bnjax.lab import host
 
 
-def _early_setup(argv) -> str:
-  """What must happen before JAX starts: the allocator, and the profiler's per-thunk events."""
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch', type=int, nargs='+', default=[32, 256])
+  parser.add_argument('--rounds', type=int, default=11)
+  parser.add_argument('--steps', type=int, default=None, help='steps per timing (default: 4 at batch 32, 1 at 256)')
+  parser.add_argument('--torch_compile', action='store_true', help='add a torch.compile row')
+  parser.add_argument('--profile', action='store_true', help='print where one step goes instead of timing')
+  parser.add_argument('--allocator', choices=('retain', 'glibc'), default='retain')
+  parser.add_argument('--cpu_devices', default=host.AUTO,
+                      help="the CPU as this many JAX devices (the CLIs' --cpu_devices; default 'auto': one per core) "
+                           'for the data-parallel row; the other bnjax rows run on the first device')
+  return parser
+
+
+def _early_setup(args) -> str:
+  """What must happen before JAX starts: the allocator, the CPU devices, and the profiler's per-thunk events."""
   allocator = 'glibc'
-  if '--allocator=glibc' not in argv and not ('--allocator' in argv and argv[argv.index('--allocator') + 1] == 'glibc'):
+  if args.allocator == 'retain':
     allocator = 'retain' if host.retain_freed_memory() else 'glibc (mallopt failed)'
-  if '--profile' in argv:
+  if args.profile:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true').strip()
-  host.split_cpu(_flag_value(argv, '--cpu_devices', host.AUTO))
+  try:
+    host.split_cpu(args.cpu_devices)
+  except ValueError as error:
+    sys.exit(f'error: {error}')
   return allocator
 
 
-def _flag_value(argv, name, default):
-  for i, arg in enumerate(argv):
-    if arg.startswith(name + '='):
-      return arg.split('=', 1)[1]
-    if arg == name and i + 1 < len(argv):
-      return argv[i + 1]
-  return default
-
-
-ALLOCATOR = _early_setup(sys.argv) if __name__ == '__main__' else 'glibc'
+ARGS = _parser().parse_args() if __name__ == '__main__' else None
+ALLOCATOR = _early_setup(ARGS) if ARGS is not None else 'glibc'
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -113,28 +122,16 @@ def engine_contender(images, labels, batch, conv=False, pool=False):
 
 def data_parallel_contender(images, labels, batch):
   """bnjax's engine as the CLIs run it with `--cpu_devices`: data-parallel over every CPU device, BN synchronized."""
-  import optax
-
-  mesh = parallel.make_mesh()
-  model = models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast')
-  tx = optax.adam(LR)
-  state = engine.init_train_state(model, tx, 0, images[:1])
-  batches = engine.epoch_batches(state, 0, images.shape[0], batch)
-  holder = [parallel.replicate(state, mesh)]
-  images, labels = parallel.replicate((images, labels), mesh)
-  steps = jax.jit(parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True), donate_argnums=0).lower(
-      holder[0], images, labels, batches[:1]).compile()
-  counter = [0]
+  step, text = _engine_step(models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast'), images, labels, batch,
+                            parallel.make_mesh())
 
   def run(count):
     for _ in range(count):
-      i = counter[0] % batches.shape[0]
-      counter[0] += 1
-      holder[0], metrics = steps(holder[0], images, labels, batches[i : i + 1])
+      metrics = step()
     jax.block_until_ready(metrics)
 
   run(1)
-  run.compiled_text = steps.as_text()
+  run.compiled_text = text
   return run
 
 
@@ -381,7 +378,8 @@ def profile(batch, steps):
   for title, conv, pool in (('bnjax, before #17', True, True), ('bnjax (conv.Conv, conv.max_pool)', False, False)):
     with layers_before_17(conv, pool):
       model = models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast')
-      run_step, text = _engine_step(model, images, labels, batch)
+      step, text = _engine_step(model, images, labels, batch)
+    run_step = lambda step=step: jax.block_until_ready(step())
     run_step()
     columns[title] = profile_jax(run_step, text, steps)
   if jax.device_count() > 1 and batch % jax.device_count() == 0:
@@ -400,38 +398,34 @@ def profile(batch, steps):
   print(f'  {"wall (profiled)":32s}' + ''.join(f'{wall:34.1f}' for _, wall in columns.values()))
 
 
-def _engine_step(model, images, labels, batch):
-  """`(run_step, compiled HLO text)`: one engine step per call, as in `bnjax_engine`."""
+def _engine_step(model, images, labels, batch, mesh=None):
+  """`(step, compiled HLO text)`: `step()` dispatches one engine step (as in `bnjax_engine`) and returns its
+  metrics; with a `mesh`, the data-parallel step over its devices (`bnjax.lab.parallel`)."""
   import optax
 
   tx = optax.adam(LR)
-  holder = [engine.init_train_state(model, tx, 0, images[:1])]
-  batches = engine.epoch_batches(holder[0], 0, images.shape[0], batch)
-  compiled = jax.jit(engine.make_train_steps(model, tx, unroll=True), donate_argnums=0).lower(
-      holder[0], images, labels, batches[:1]).compile()
+  state = engine.init_train_state(model, tx, 0, images[:1])
+  batches = engine.epoch_batches(state, 0, images.shape[0], batch)
+  if mesh is None:
+    steps = engine.make_train_steps(model, tx, unroll=True)
+  else:
+    steps = parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True)
+    state, images, labels = parallel.replicate((state, images, labels), mesh)
+  holder = [state]
+  compiled = jax.jit(steps, donate_argnums=0).lower(holder[0], images, labels, batches[:1]).compile()
   counter = [0]
 
-  def run_step():
+  def step():
     i = counter[0] % batches.shape[0]
     counter[0] += 1
     holder[0], metrics = compiled(holder[0], images, labels, batches[i : i + 1])
-    jax.block_until_ready(metrics)
+    return metrics
 
-  return run_step, compiled.as_text()
+  return step, compiled.as_text()
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, nargs='+', default=[32, 256])
-  parser.add_argument('--rounds', type=int, default=11)
-  parser.add_argument('--steps', type=int, default=None, help='steps per timing (default: 4 at batch 32, 1 at 256)')
-  parser.add_argument('--torch_compile', action='store_true', help='add a torch.compile row')
-  parser.add_argument('--profile', action='store_true', help='print where one step goes instead of timing')
-  parser.add_argument('--allocator', choices=('retain', 'glibc'), default='retain')
-  parser.add_argument('--cpu_devices', default=host.AUTO,
-                      help="the CPU as this many JAX devices (the CLIs' --cpu_devices; default 'auto': one per core) "
-                           'for the data-parallel row; the other bnjax rows run on the first device')
-  args = parser.parse_args()
+  args = ARGS
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} cores; '
         f'allocator: {ALLOCATOR}; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
