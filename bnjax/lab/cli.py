@@ -116,7 +116,7 @@ flags.DEFINE_enum('host_allocator', 'retain', host.HOST_ALLOCATORS,
                   "peak memory); 'glibc': its defaults. Applied before JAX starts; numbers are the same either way.")
 flags.DEFINE_string('cpu_devices', None,
                     "The CPU as this many JAX devices ('auto': one per core). Training is then data-parallel over "
-                    "them, BN statistics synchronized (--num_devices, --cross_device_stats): 0.71x the CIFAR CNN's "
+                    "them, BN statistics synchronized (--num_devices, --cross_device_stats): 0.74x the CIFAR CNN's "
                     "step time on 2 cores. Numbers then differ from one device's in the last digits (the order of "
                     "the sums), and dropout draws its masks per device. Sweeps put their lanes on the devices. "
                     "Unset: JAX's default (one device, or XLA_FLAGS' --xla_force_host_platform_device_count).")

@@ -12,7 +12,7 @@ unchanged; the price is that the process keeps its peak host memory.
 runs one device's step mostly one operation at a time, on about 1.2 of 2
 cores for the CIFAR CNN; with one device per core, the lab's data
 parallelism (`bnjax.lab.parallel`, BN statistics synchronized over the
-devices) gives each core its share of the batch: 0.71x the CNN's step time
+devices) gives each core its share of the batch: 0.74x the CNN's step time
 at batch 32 on 2 cores (docs/cpu_convolutions.md). Sweeps put their lanes
 on the devices instead.
 """
