@@ -10,13 +10,15 @@ Precise BN (population statistics under fixed weights, Wu & Johnson 2021)
 is `bnjax.precise`: `precise_statistics`, `with_population_statistics`, and
 the accumulator `bnjax.precise.init/update/finalize`.
 
-Two subpackages pull in more and load on first access: `bnjax.linen`, the
-Flax modules around the core, and `bnjax.lab`, the experiment machinery
-(models, data, training loop, sweeps, studies). The core never imports them.
+Three modules pull in more and load on first access: `bnjax.linen` and
+`bnjax.nnx`, the Flax modules (linen and NNX) around the core, and
+`bnjax.lab`, the experiment machinery (models, data, training loop, sweeps,
+studies). The core never imports them.
 """
 
 import importlib
 
+from bnjax import layers  # what the Flax layers share (flax-free)
 from bnjax.moments import Moments, batch_moments, pooled_moments
 from bnjax.norm import (
     BatchNormState,
@@ -37,7 +39,7 @@ from bnjax.schedules import (
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('linen', 'lab')
+_LAZY_SUBMODULES = ('linen', 'nnx', 'lab')
 # Old names of modules that moved (kept as aliases): the Flax wrappers, and the lab's modules.
 _MOVED = {'flax': 'bnjax.linen'} | {
     name: f'bnjax.lab.{name}'

@@ -6,27 +6,37 @@ with `virtual_batch_size`):
     BatchNorm    -> bnjax.batch_norm     (plain and ghost BN)
     BatchRenorm  -> bnjax.batch_renorm   (batch renormalization)
 
-Both are drop-ins for `flax.linen.BatchNorm`: `scale` and `bias` live in
-`params`, the moving statistics in the `batch_stats` collection,
-`use_running_average` is an attribute or a call argument, and training code
-passes the statistics in and takes the new ones out of `apply`:
+`BatchNorm` is a drop-in for `flax.linen.BatchNorm`: it takes every
+argument flax's takes, with the same names, meanings and defaults
+(`use_running_average`, `axis` (an int or a tuple), `momentum=0.99`,
+`epsilon=1e-5`, `dtype`, `param_dtype`, `use_bias`, `use_scale`,
+`bias_init`, `scale_init`, `axis_name`, `axis_index_groups`,
+`use_fast_variance`, `force_float32_reductions`; call `(x,
+use_running_average=None, *, mask=None)`). `scale` and `bias` live in
+`params`, the moving statistics `mean` and `var` in `batch_stats`, and
+training code passes the statistics in and takes the new ones out of `apply`:
 
     variables = model.init(key, x, use_running_average=False)
     y, updates = model.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
     variables = {**variables, **updates}        # nothing was mutated
 
-`batch_stats` holds the core state's fields as plain arrays, so the
-statistics are an ordinary pytree: `mean` and `var` where flax users look
-for them (`BatchNorm`), `mean`, `std`, `renorm_mean`, `renorm_std`
-(`BatchRenorm`), and the scalars `step` (the number of training updates, which
-momentum/rmax/dmax schedules are called with) and `decay_product` (for
-`debias`). `norm_state` turns one layer's statistics back into the core's
-NamedTuple.
+bnjax's own options are extra keyword fields: `momentum` may also be a
+schedule `step -> momentum` or None (the cumulative average),
+`virtual_batch_size` (ghost BN), `debias`. `batch_stats` holds what the
+options need and no more (`bnjax.layers.stored_fields`): `mean` and `var`
+as flax's, plus `step` (the number of training updates, which schedules are
+called with) only with a schedule or None momentum, and `decay_product` only
+with `debias`. So a checkpoint written with `flax.linen.BatchNorm` loads as
+it is, and a `jax.lax.pmean` over `batch_stats` keeps every dtype.
+`norm_state` turns one layer's statistics back into the core's NamedTuple.
 
-Differences from `flax.linen.BatchNorm`, all from the core: `center`/`scale`
-instead of `use_bias`/`use_scale`; `epsilon` defaults to 1e-3 (Keras), not
-1e-5; statistics are two-pass float32 and the output has x's dtype (no
-`dtype`); only one feature axis.
+Where the numbers differ from flax's (by rounding only): the variance is
+the exact two-pass one (`use_fast_variance` is accepted; bnjax's two-pass
+variance is as fast, and never cancels), and statistics are reduced in
+float32 at least (`force_float32_reductions=False` only keeps the stored
+statistics in `param_dtype`, as flax does). Cross-device statistics
+(`axis_name`) weight each device by its number of valid examples, where
+flax averages the device means (the same numbers without masks).
 
 Hyperparameter values (`momentum`, `renorm_momentum`, `rmax`, `dmax`) are
 plain dataclass fields that take a number, a JAX array, or a schedule
@@ -41,9 +51,10 @@ values, which is how one program runs K momentums under `jax.vmap`:
 (`bnjax.lab.models` builds its norm layers this way from an `hparams` argument.)
 
 Precise BN (`bnjax.precise`, Wu & Johnson 2021): in a training-mode call
-with the collection `batch_moments` mutable, each layer also records the
-moments of its input over the whole (global) batch; `precise_batch_stats`
-pools them over many batches into population statistics:
+that names the collection `batch_moments` in `mutable` (a list or a string:
+`mutable=True` does not ask for it), each layer also records the moments of
+its input over the whole (global) batch; `precise_batch_stats` pools them
+over many batches into population statistics:
 
     apply_fn = functools.partial(model.apply, train=True)   # called with mutable=[...]
     variables = {**variables, 'batch_stats': precise_batch_stats(apply_fn, variables, images)}
@@ -57,101 +68,54 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnjax import layers
 from bnjax import moments as moments_lib
 from bnjax import norm as norm_lib
 from bnjax import precise
 from bnjax.schedules import ScalarOrSchedule
 
 Array = jnp.ndarray
+Initializer = Callable[..., Array]
 
 
 def norm_state(stats: Mapping[str, Array]) -> norm_lib.BatchNormState | norm_lib.BatchRenormState:
   """One layer's `batch_stats` as the core state (`BatchRenormState` if it has `std`).
 
+  A missing `step` or `decay_product` (not stored by a layer whose options
+  do not read it, nor by flax's BatchNorm) is at its start value, 0 or 1.
   E.g. `bnjax.moving_statistics(norm_state(variables['batch_stats']['norm_0']), epsilon)`.
   """
   state_type = norm_lib.BatchRenormState if 'std' in stats else norm_lib.BatchNormState
-  missing = set(state_type._fields) - set(stats)
-  if missing:
-    raise ValueError(
-        f'norm_state: the statistics have keys {sorted(stats)}, missing {sorted(missing)} of a '
-        f'{state_type.__name__}; pass the batch_stats of one bnjax.linen layer.'
-    )
-  return state_type(**{field: stats[field] for field in state_type._fields})
-
-
-def _apply_pure(
-    module: nn.Module,
-    x: Array,
-    use_running_average: bool | None,
-    mask: Array | None,
-    init_fn: Callable,
-    apply_fn: Callable,
-    options: dict,
-) -> Array:
-  """Declares the module's variables from `init_fn`, runs `apply_fn`, stores its new state.
-
-  While initializing, the state is not updated (as in `flax.linen.BatchNorm`)
-  and `axis_name` is not used, so `init` runs outside the mapped axis.
-  """
-  use_running_average = nn.merge_param('use_running_average', module.use_running_average, use_running_average)
-  name = type(module).__name__
-  if not isinstance(module.axis, int) or not -x.ndim <= module.axis < x.ndim:
-    raise ValueError(f'{name}: axis={module.axis!r} is not an axis of x with shape {x.shape}.')
-  params0, state0 = init_fn(x.shape[module.axis], center=module.center, scale=module.scale, dtype=module.param_dtype)
-  params = {key: module.param(key, lambda _, value=value: value) for key, value in params0.items()}
-  stats = {
-      field: module.variable('batch_stats', field, lambda value=value: value)
-      for field, value in state0._asdict().items()
-  }
-  state = type(state0)(**{field: variable.value for field, variable in stats.items()})
-  initializing = module.is_initializing()
-  y, new_state = apply_fn(
-      x, params, state,
-      training=not use_running_average,
-      axis=module.axis,
-      mask=mask,
-      axis_name=None if initializing else module.axis_name,
-      axis_index_groups=None if initializing else module.axis_index_groups,
-      **options,
-  )
-  if not use_running_average and not initializing:
-    for field, variable in stats.items():
-      variable.value = getattr(new_state, field)
-    if module.is_mutable_collection(BATCH_MOMENTS):
-      _record_batch_moments(module, x, mask)
-  return y
+  try:
+    return layers.as_state(state_type, stats)
+  except ValueError as error:
+    raise ValueError(f'norm_state: {error}') from None
 
 
 BATCH_MOMENTS = 'batch_moments'
 
 
+def _asks_for(module: nn.Module, collection: str) -> bool:
+  """Whether `apply` named `collection` in `mutable` (a string or a list; `mutable=True` does not name it)."""
+  mutable = module.scope.mutable
+  if isinstance(mutable, str):
+    return mutable == collection
+  return isinstance(mutable, (list, tuple, set, frozenset)) and collection in mutable
+
+
 def _record_batch_moments(module: nn.Module, x: Array, mask: Array | None) -> None:
   """Stores the moments of x over its whole batch in the `batch_moments` collection, for precise BN.
 
-  The layer's entry is `{mean [C], var [C], count [C], epsilon []}`: the mean
-  and biased variance of x over every axis but the feature axis (ghost BN's
-  groups included: the moments of the whole batch, not of each group),
-  leaving out masked entries, over the global batch under `axis_name`, in
-  float32 at least; `count` the number of entries per feature (masks may
-  differ per feature), `epsilon` the layer's, which a renorm layer's
-  population `std` needs. A layer called more than once in one `apply`
-  pools its calls.
+  The layer's entry is `{mean [C], var [C], count [C], epsilon []}`: the
+  moments of `bnjax.layers.input_moments`, and the layer's `epsilon`, which a
+  renorm layer's population `std` needs. A layer called more than once in
+  one `apply` pools its calls.
   """
-  feature_axis = module.axis % x.ndim
-  reduce_axes = tuple(a for a in range(x.ndim) if a != feature_axis)
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    if mask.ndim == 1:
-      mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-  batch = moments_lib.batch_moments(
-      x.astype(moments_lib.compute_dtype(x.dtype)), reduce_axes, mask, module.axis_name, module.axis_index_groups
-  )
-  batch = jax.lax.stop_gradient(moments_lib.Moments(*(jnp.reshape(a, (-1,)) for a in batch)))
+  batch = layers.input_moments(x, module.axis, mask, module.axis_name, module.axis_index_groups)
+  earlier = None
   if module.has_variable(BATCH_MOMENTS, 'count'):
     earlier = moments_lib.Moments(*(module.get_variable(BATCH_MOMENTS, f) for f in moments_lib.Moments._fields))
-    batch = precise.finalize(precise.update(precise.update(precise.init(batch), earlier), batch))
-  for field, value in batch._asdict().items():
+  for field, value in layers.pool_moments(earlier, batch)._asdict().items():
     module.put_variable(BATCH_MOMENTS, field, value)
   module.put_variable(BATCH_MOMENTS, 'epsilon', jnp.asarray(module.epsilon, jnp.float32))
 
@@ -160,46 +124,59 @@ class BatchNorm(nn.Module):
   """Batch normalization (`bnjax.batch_norm`); ghost BN with `virtual_batch_size`.
 
   Call: `y = BatchNorm(...)(x, use_running_average=None, *, mask=None)`, x
-  `[N, ..., C]`, y of x's shape and dtype. Training (`use_running_average`
-  False) normalizes with the batch statistics and, unless initializing,
-  writes the new moving statistics to `batch_stats` (which must then be
-  mutable); inference uses the moving statistics. A training call with the
-  collection `batch_moments` mutable also records the moments of x over the
-  whole batch there, for `precise_batch_stats` (nothing is computed when it
-  is not mutable).
+  `[N, ..., C]`, y of x's shape. Training (`use_running_average` False)
+  normalizes with the batch statistics and, unless initializing, writes the
+  new moving statistics to `batch_stats` (which must then be mutable);
+  inference uses the moving statistics. A training call that names the
+  collection `batch_moments` in `mutable` also records the moments of x over
+  the whole batch there, for `precise_batch_stats`.
 
-  Attributes:
+  Attributes (flax.linen.BatchNorm's, with its defaults):
     use_running_average: True for inference; or give it at call time.
-    axis: the feature axis (C), not 0.
+    axis: the feature axis (C), or a tuple of them; not 0.
     momentum: weight of the old moving average, a number or array in [0, 1],
       a schedule `step -> momentum` (called with the stored `step`), or None
       for the cumulative average. Default 0.99.
-    epsilon: added to the variance. Default 1e-3 (Keras; flax's is 1e-5).
-    center: learn the shift `bias` (flax's `use_bias`).
-    scale: learn the scale `scale` (flax's `use_scale`).
+    epsilon: added to the variance. Default 1e-5 (flax; Keras and the lab use 1e-3).
+    dtype: the dtype of y; None: the result type of x and the parameters
+      (flax's rule: float32 for bfloat16 x with float32 parameters).
     param_dtype: dtype of `scale` and `bias`.
+    use_bias: learn the shift `bias` (beta).
+    use_scale: learn the scale `scale` (gamma).
+    bias_init: initializer of `bias` (zeros).
+    scale_init: initializer of `scale` (ones).
+    axis_name: mapped axis (shard_map, pmap, vmap) to compute statistics
+      over the global batch, each device weighted by its valid examples.
+    axis_index_groups: subgroups of `axis_name` (pmap only).
+    use_fast_variance: accepted for flax's sake; bnjax always computes the
+      exact two-pass variance.
+    force_float32_reductions: True stores the statistics in float32; False
+      in `param_dtype` (as flax). Reductions are float32 at least either way.
+  bnjax's options:
     virtual_batch_size: ghost BN: normalize consecutive groups of this many
       examples separately; must divide N. None: plain BN.
-    axis_name: mapped axis (shard_map, pmap, vmap) to compute statistics
-      over the global batch.
-    axis_index_groups: subgroups of `axis_name` (pmap only).
     debias: correct the moving averages for their initial value.
   """
 
   use_running_average: bool | None = None
-  axis: int = -1
+  axis: int | tuple = -1
   momentum: ScalarOrSchedule | None = 0.99
-  epsilon: float = 1e-3
-  center: bool = True
-  scale: bool = True
+  epsilon: float = 1e-5
+  dtype: Any = None
   param_dtype: Any = jnp.float32
-  virtual_batch_size: int | None = None
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
   axis_name: Any = None
   axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  virtual_batch_size: int | None = None
   debias: bool = False
 
-  # The pure functions this module wraps (a class attribute, not a field).
-  _pure_functions = (norm_lib.batch_norm_init, norm_lib.batch_norm)
+  # The core function this module wraps (a class attribute, not a field).
+  _kind = layers.BATCH_NORM
 
   def _options(self) -> dict:
     """The keyword arguments of the pure function that come from the attributes."""
@@ -213,15 +190,60 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
     """Normalizes x `[N, ..., C]`; `mask` `[N]` (or broadcastable to x) leaves entries out of the statistics."""
-    init_fn, apply_fn = self._pure_functions
-    return _apply_pure(self, x, use_running_average, mask, init_fn, apply_fn, self._options())
+    use_running_average = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    name = type(self).__name__
+    try:
+      axes = layers.feature_axes(jnp.ndim(x), self.axis)
+    except ValueError as error:
+      raise ValueError(f'{name}: {error}') from None
+    feature_shape = tuple(jnp.shape(x)[a] for a in axes)
+    options = self._options()
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    state_type = self._kind.state_type
+    stats = {}
+    for field in layers.stored_fields(state_type, options):
+      # Scalars a checkpoint lacks (flax's has mean and var only) read as their start values.
+      if field in layers.SCALAR_FIELDS and not (
+          self.has_variable('batch_stats', field) or self.is_mutable_collection('batch_stats')
+      ):
+        continue
+      stats[field] = self.variable(
+          'batch_stats', field, lambda f=field: layers.start_value(state_type, f, feature_shape, stats_dtype)
+      )
+    params = {}
+    if self.use_scale:
+      params['scale'] = self.param('scale', self.scale_init, feature_shape, self.param_dtype)
+    if self.use_bias:
+      params['bias'] = self.param('bias', self.bias_init, feature_shape, self.param_dtype)
+    out_dtype = layers.output_dtype(self.dtype, x, *params.values())
+    x = jnp.asarray(x)
+    initializing = self.is_initializing()
+    y, new_stats = layers.apply(
+        self._kind,
+        x.astype(jnp.promote_types(x.dtype, out_dtype)),
+        params,
+        {field: variable.value for field, variable in stats.items()},
+        training=not use_running_average,
+        axis=axes,
+        options=options,
+        mask=mask,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+    )
+    if not use_running_average and not initializing:
+      for field, variable in stats.items():
+        variable.value = new_stats[field]
+      if _asks_for(self, BATCH_MOMENTS):
+        _record_batch_moments(self, x, mask)
+    return y.astype(out_dtype)
 
 
 class BatchRenorm(BatchNorm):
   """Batch renormalization (`bnjax.batch_renorm`, Ioffe 2017); ghost with `virtual_batch_size`.
 
   Attributes, besides those of `BatchNorm` (`momentum` updates the inference
-  statistics `mean`/`std`):
+  statistics `mean`/`std`; `batch_stats` has `mean`, `std`, `renorm_mean`,
+  `renorm_std`):
     renorm_momentum: momentum of the renorm statistics `renorm_mean` and
       `renorm_std`, a number, array or schedule. Default 0.99.
     rmax: r is clipped to [1 / rmax, rmax]; a number >= 1, array or schedule
@@ -233,7 +255,7 @@ class BatchRenorm(BatchNorm):
   rmax: ScalarOrSchedule = 3.0
   dmax: ScalarOrSchedule = 5.0
 
-  _pure_functions = (norm_lib.batch_renorm_init, norm_lib.batch_renorm)
+  _kind = layers.BATCH_RENORM
 
   def _options(self) -> dict:
     return dict(super()._options(), renorm_momentum=self.renorm_momentum, rmax=self.rmax, dmax=self.dmax)

@@ -41,7 +41,7 @@ KINDS = {
     ),
     'renorm_ghost_debias': (
         BatchRenorm, bnjax.batch_renorm,
-        dict(momentum=0.95, rmax=2.0, dmax=1.0, virtual_batch_size=2, debias=True),
+        dict(momentum=0.95, rmax=2.0, dmax=1.0, virtual_batch_size=2, debias=True, epsilon=1e-3),
     ),
 }
 
@@ -62,10 +62,12 @@ def test_module_equals_pure_function(kind, training):
   y, updates = module.apply(variables, x, use_running_average=not training, mask=mask, mutable=['batch_stats'])
   y_ref, state_ref = _pure_call(pure, variables, x, training, options, mask)
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), norm_state(updates['batch_stats']), state_ref
-  )
-  assert int(updates['batch_stats']['step']) == int(training)
+  for field, value in updates['batch_stats'].items():
+    np.testing.assert_allclose(value, getattr(state_ref, field), rtol=1e-6)
+  # Stored: the statistics, and decay_product with debias (no step: no schedule reads it).
+  want_keys = set(variables['batch_stats'])
+  assert want_keys == set(module_type._kind.state_type._fields) - {'step'} - ({'decay_product'} if 'debias' not in options else set())
+  assert set(updates['batch_stats']) == want_keys
 
 
 @pytest.mark.parametrize('kind', ['bn', 'renorm'])
@@ -112,7 +114,7 @@ def test_matches_flax_linen_batchnorm():
       theirs.apply(v_theirs, x, use_running_average=True),
       rtol=1e-5, atol=1e-6,
   )
-  assert int(v_ours['batch_stats']['step']) == 3
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_theirs)
 
 
 def test_use_running_average_attribute_or_call_argument():
@@ -154,7 +156,7 @@ def test_momentum_schedule_is_called_with_the_stored_step():
 
 def test_renorm_clipping_schedules_start_as_batch_norm():
   rmax, dmax = bnjax.renorm_clipping_warmup(warmup_steps=10, rmax_end_step=20, dmax_end_step=20)
-  module = BatchRenorm(rmax=rmax, dmax=dmax)
+  module = BatchRenorm(rmax=rmax, dmax=dmax, epsilon=1e-3)
   x = _x()
   variables = _random_state(module, x)  # renorm statistics far from the batch's: r, d would matter
   y, _ = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
@@ -185,7 +187,7 @@ def test_vmap_over_momentum_values(module_type):
 
 
 def test_axis_name_gives_global_batch_statistics():
-  module = BatchNorm(momentum=0.9, axis_name='devices')
+  module = BatchNorm(momentum=0.9, epsilon=1e-3, axis_name='devices')
   x = _x(shape=(4, 6, C))  # 4 "devices" of 6 examples
   variables = module.init(jax.random.key(0), x[0], use_running_average=False)
   ys, updates = jax.vmap(
@@ -199,18 +201,22 @@ def test_axis_name_gives_global_batch_statistics():
   np.testing.assert_allclose(updates['batch_stats']['var'][0], state_ref.var, rtol=1e-5)
 
 
-def test_center_scale_off_and_axis():
+def test_use_bias_use_scale_off_and_axis():
   x = _x(shape=(4, C, 3))
-  variables = BatchNorm(center=False, scale=False, axis=1).init(jax.random.key(0), x, use_running_average=False)
+  variables = BatchNorm(use_bias=False, use_scale=False, axis=1).init(jax.random.key(0), x, use_running_average=False)
   assert 'params' not in variables
   assert variables['batch_stats']['mean'].shape == (C,)
   with pytest.raises(ValueError, match='axis=3'):
     BatchNorm(axis=3).init(jax.random.key(0), x, use_running_average=False)
 
 
-def test_norm_state_rejects_other_statistics():
+def test_norm_state_fills_the_scalars_a_layer_does_not_store_and_rejects_other_statistics():
+  state = norm_state({'mean': jnp.zeros(3), 'var': jnp.ones(3)})  # flax.linen.BatchNorm's batch_stats
+  assert int(state.step) == 0 and float(state.decay_product) == 1.0
   with pytest.raises(ValueError, match='missing'):
-    norm_state({'mean': jnp.zeros(3), 'var': jnp.ones(3)})
+    norm_state({'mean': jnp.zeros(3)})
+  with pytest.raises(ValueError, match='missing'):
+    norm_state({'mean': jnp.zeros(3), 'std': jnp.ones(3)})
 
 
 # ----------------------------------------------------------------------------
@@ -248,6 +254,8 @@ def test_moments_are_recorded_only_in_training_calls_with_the_collection_mutable
   assert set(variables) == {'params', 'batch_stats'}
   _, updates = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
   assert set(updates) == {'batch_stats'}
+  _, updates = module.apply(variables, x, use_running_average=False, mutable=True)  # not asked for by name
+  assert set(updates) == {'params', 'batch_stats'}
   _, updates = module.apply(variables, x, use_running_average=True, mutable=['batch_stats', 'batch_moments'])
   assert 'batch_moments' not in updates or not updates['batch_moments']
   x16 = _x(shape=(8, C)).astype(jnp.bfloat16)
@@ -343,7 +351,7 @@ def _assert_population(batch_stats, reference, model):
     stats, (mean, var) = batch_stats[f'block{i}']['norm'], reference[f'block{i}']
     np.testing.assert_allclose(stats['mean'], mean, rtol=1e-5, atol=1e-5)
     if 'std' in stats:
-      epsilon = norm.keywords.get('epsilon', 1e-3) if isinstance(norm, functools.partial) else 1e-3
+      epsilon = norm.keywords.get('epsilon', 1e-5) if isinstance(norm, functools.partial) else 1e-5
       np.testing.assert_allclose(stats['std'], np.sqrt(var + epsilon), rtol=1e-5)
       np.testing.assert_allclose(bnjax.moving_statistics(norm_state(stats), epsilon)[1], var, rtol=1e-4)
       np.testing.assert_array_equal(stats['renorm_std'], stats['std'])
@@ -359,9 +367,6 @@ def test_precise_batch_stats_equal_the_statistics_of_each_layer_input(kind):
   batch_stats = precise_batch_stats(apply_fn, variables, images, num_examples=None)
   assert jax.tree.structure(batch_stats) == jax.tree.structure(variables['batch_stats'])
   _assert_population(batch_stats, _pooled_layer_inputs(model, variables, images), model)
-  for block in batch_stats:  # step and decay_product are kept
-    for field in ('step', 'decay_product'):
-      assert batch_stats[block]['norm'][field] == variables['batch_stats'][block]['norm'][field]
 
 
 def test_precise_batch_stats_of_one_layer_equal_numpy_population_statistics():
@@ -377,7 +382,7 @@ def test_precise_batch_stats_of_one_layer_equal_numpy_population_statistics():
   x = images[0]
   hidden = model.apply({**variables, 'batch_stats': batch_stats}, x, True, capture_intermediates=True,
                        mutable=['intermediates'])[1]['intermediates']['block0']['norm']['__call__'][0]
-  want = (x.astype(np.float64) @ kernel + bias - layer_input.mean(0)) / np.sqrt(layer_input.var(0) + 1e-3)
+  want = (x.astype(np.float64) @ kernel + bias - layer_input.mean(0)) / np.sqrt(layer_input.var(0) + 1e-5)
   np.testing.assert_allclose(hidden, want, rtol=1e-4, atol=1e-5)
 
 
@@ -403,3 +408,147 @@ def test_precise_batch_stats_errors():
     precise_batch_stats(drops_mutable, variables, images)
   with pytest.raises(ValueError, match='no batch_stats'):
     precise_batch_stats(functools.partial(model.apply, use_running_average=False), {'params': variables['params']}, images)
+
+
+# ----------------------------------------------------------------------------
+# A drop-in for flax.linen.BatchNorm: a ResNet written the way flax's examples/imagenet/models.py writes
+# its blocks (BatchNorm through functools.partial with use_running_average, momentum, epsilon and dtype;
+# scale_init=zeros on a block's last norm), run with flax's BatchNorm and with bnjax's.
+
+
+class _ResNetBlock(nn.Module):
+  filters: int
+  conv: Any
+  norm: Any
+  strides: tuple = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    return nn.relu(residual + y)
+
+
+class _ResNet(nn.Module):
+  batch_norm: Any  # flax.linen.BatchNorm or bnjax.linen.BatchNorm
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(self.batch_norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)
+    x = nn.relu(norm(name='bn_init')(conv(8, (3, 3), name='conv_init')(x)))
+    x = _ResNetBlock(8, conv, norm)(x)
+    x = _ResNetBlock(12, conv, norm, strides=(2, 2))(x)
+    return nn.Dense(10, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+
+
+def _resnet_data(steps=3, batch=8):
+  rng = np.random.default_rng(0)
+  images = rng.normal(0.5, 2.0, (steps + 1, batch, 8, 8, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, (steps + 1, batch))
+  return images, labels
+
+
+def _train(model, variables, images, labels, learning_rate=0.1):
+  """Plain SGD steps; returns the per-step (logits, grads) and the final variables."""
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'])
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    return loss, (logits, updates['batch_stats'])
+
+  @jax.jit
+  def step(variables, x, y):
+    grads, (logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(variables['params'], variables['batch_stats'], x, y)
+    params = jax.tree.map(lambda p, g: p - learning_rate * g, variables['params'], grads)
+    return {'params': params, 'batch_stats': batch_stats}, logits, grads
+
+  trace = []
+  for x, y in zip(images, labels):
+    variables, logits, grads = step(variables, x, y)
+    trace.append((logits, grads))
+  return trace, variables
+
+
+def _max_difference(a, b):
+  return max(float(jnp.max(jnp.abs(jnp.asarray(u, jnp.float32) - jnp.asarray(v, jnp.float32))))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_resnet_with_bnjax_batchnorm_trains_as_with_flax_batchnorm():
+  images, labels = _resnet_data()
+  theirs, ours = _ResNet(nn.BatchNorm), _ResNet(BatchNorm)
+  v_theirs = theirs.init(jax.random.key(0), images[0], train=False)
+  v_ours = ours.init(jax.random.key(0), images[0], train=False)
+  # The same variables, initializers (scale_init=zeros) included: a flax checkpoint is a bnjax one.
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_theirs)
+  assert _max_difference(v_ours, v_theirs) == 0.0
+  trace_theirs, end_theirs = _train(theirs, v_theirs, images, labels)
+  trace_ours, end_ours = _train(ours, v_theirs, images, labels)
+  for (logits_t, grads_t), (logits_o, grads_o) in zip(trace_theirs, trace_ours):
+    assert _max_difference(logits_o, logits_t) < 1e-4
+    assert _max_difference(grads_o, grads_t) < 1e-4
+  assert _max_difference(end_ours['batch_stats'], end_theirs['batch_stats']) < 1e-4
+  assert _max_difference(end_ours['params'], end_theirs['params']) < 1e-4
+  # Evaluation of flax's trained variables (its checkpoint) by bnjax's model.
+  from flax import serialization
+  restored = serialization.from_bytes(v_ours, serialization.to_bytes(end_theirs))
+  test_images = images[-1]
+  np.testing.assert_allclose(ours.apply(restored, test_images, train=False),
+                             theirs.apply(end_theirs, test_images, train=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype,input_dtype', [(jnp.bfloat16, jnp.float32), (None, jnp.bfloat16)])
+def test_dtype_follows_flax(dtype, input_dtype):
+  x = _x(shape=(8, 4, C)).astype(input_dtype)
+  for training in (True, False):
+    results = []
+    for module_type in (nn.BatchNorm, BatchNorm):
+      module = module_type(dtype=dtype, use_running_average=not training)
+      variables = module.init(jax.random.key(0), x)
+      results.append(module.apply(variables, x, mutable=['batch_stats'])[0])
+    assert results[0].dtype == results[1].dtype
+    np.testing.assert_allclose(np.asarray(results[1], np.float32), np.asarray(results[0], np.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_every_flax_argument_is_accepted_with_flax_defaults():
+  import dataclasses
+  theirs = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm) if f.name not in ('parent', 'name')}
+  ours = {f.name: f.default for f in dataclasses.fields(BatchNorm)}
+  assert {name: ours[name] for name in theirs} == theirs
+  x = _x(shape=(6, 3, C))
+  options = dict(axis=(1, 2), use_bias=False, scale_init=nn.initializers.constant(2.0), param_dtype=jnp.float32,
+                 use_fast_variance=False, force_float32_reductions=False, epsilon=1e-4, momentum=0.8)
+  mask = (jnp.arange(6) < 4)[:, None, None]
+  outputs = []
+  for module in (nn.BatchNorm(**options), BatchNorm(**options)):
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = module.apply(variables, x, use_running_average=False, mask=mask, mutable=['batch_stats'])
+    outputs.append((y, updates, jax.tree.map(jnp.shape, variables)))
+  assert outputs[0][2] == outputs[1][2]  # feature shape (3, C) for axis=(1, 2)
+  assert _max_difference(outputs[1][0], outputs[0][0]) < 1e-5
+  assert _max_difference(outputs[1][1], outputs[0][1]) < 1e-5
+
+
+def test_batch_stats_survive_a_pmean_with_their_dtypes():
+  # A schedule stores `step`; the user's pmean (flax's imagenet example syncs batch_stats so) makes it float32.
+  module = BatchNorm(momentum=lambda step: jnp.where(step < 2, 0.0, 0.5))
+  x = _x(shape=(2, 6, C))
+  variables = module.init(jax.random.key(0), x[0], use_running_average=False)
+  train = lambda v, xi: module.apply(v, xi, use_running_average=False, mutable=['batch_stats'])[1]['batch_stats']
+  stats = jax.vmap(lambda xi: train(variables, xi))(x)
+  stats = jax.vmap(lambda s: jax.lax.pmean(s, 'devices'), axis_name='devices')(stats)
+  assert stats['step'].dtype == jnp.float32
+  stats = jax.tree.map(lambda a: a[0], stats)
+  again = train({**variables, 'batch_stats': stats}, x[1])
+  assert again['step'].dtype == jnp.float32 and float(again['step']) == 2.0
+  np.testing.assert_allclose(again['mean'], x[1].mean(0), rtol=1e-6)  # step 1 read back: momentum 0

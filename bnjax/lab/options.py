@@ -113,16 +113,22 @@ class NormKind:
 # Norm layers (Flax imported when a model is built, not when the table loads).
 
 
+def _flax_names(options: dict) -> dict:
+  """The lab's `center`/`scale` under flax's names, `use_bias`/`use_scale` (epsilon is always given)."""
+  renamed = {'center': 'use_bias', 'scale': 'use_scale'}
+  return {renamed.get(name, name): value for name, value in options.items()}
+
+
 def _batch_norm_layer(options: dict, name: str):
   from bnjax import linen
 
-  return linen.BatchNorm(**options, name=name)
+  return linen.BatchNorm(**_flax_names(options), name=name)
 
 
 def _batch_renorm_layer(options: dict, name: str):
   from bnjax import linen
 
-  return linen.BatchRenorm(**options, name=name)
+  return linen.BatchRenorm(**_flax_names(options), name=name)
 
 
 def _group_norm_layer(options: dict, name: str):
