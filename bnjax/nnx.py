@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
@@ -54,6 +55,26 @@ from bnjax import precise
 from bnjax.schedules import ScalarOrSchedule
 
 Array = jax.Array
+
+
+class Hyperparameter(nnx.Variable):
+  """A hyperparameter given as an array (`momentum`, `renorm_momentum`, `rmax`, `dmax`), not trained.
+
+  Kept as a Variable so that NNX's transforms map it like the statistics:
+  an ensemble made under `nnx.vmap` with one momentum per member runs the
+  members' momentums in one program.
+  """
+
+
+def _as_attribute(value):
+  """Array hyperparameters as `Hyperparameter`s; numbers, None and schedules as they are (static)."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return Hyperparameter(jnp.asarray(value))
+  return value
+
+
+def _value(attribute):
+  return attribute[...] if isinstance(attribute, Hyperparameter) else attribute
 
 
 class BatchNorm(nnx.Module):
@@ -121,7 +142,7 @@ class BatchNorm(nnx.Module):
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
-    self.momentum = momentum
+    self.momentum = _as_attribute(momentum)
     self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -135,7 +156,7 @@ class BatchNorm(nnx.Module):
     self.debias = debias
     self.frozen = False
     for name, value in kind_options.items():  # BatchRenorm's renorm_momentum, rmax, dmax
-      setattr(self, name, value)
+      setattr(self, name, _as_attribute(value))
     state_type = self._kind.state_type
     self._stored = layers.stored_fields(state_type, self._options())
     for field in self._stored:
@@ -148,7 +169,7 @@ class BatchNorm(nnx.Module):
 
   def _options(self) -> dict:
     """The keyword arguments of the pure function that come from the attributes."""
-    return dict(momentum=self.momentum, epsilon=self.epsilon, virtual_batch_size=self.virtual_batch_size,
+    return dict(momentum=_value(self.momentum), epsilon=self.epsilon, virtual_batch_size=self.virtual_batch_size,
                 debias=self.debias)
 
   def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
@@ -201,7 +222,8 @@ class BatchRenorm(BatchNorm):
     super().__init__(num_features, rngs=rngs, renorm_momentum=renorm_momentum, rmax=rmax, dmax=dmax, **options)
 
   def _options(self) -> dict:
-    return dict(super()._options(), renorm_momentum=self.renorm_momentum, rmax=self.rmax, dmax=self.dmax)
+    return dict(super()._options(), renorm_momentum=_value(self.renorm_momentum), rmax=_value(self.rmax),
+                dmax=_value(self.dmax))
 
 
 def norm_layers(model: nnx.Module) -> list[tuple[tuple, BatchNorm]]:
@@ -263,7 +285,7 @@ def precise_statistics(
   graphdef, state = nnx.split(model)
 
   def batch_moments_fn(batch):
-    copy = nnx.merge(graphdef, state)
+    copy = nnx.merge(graphdef, state, copy=True)  # fresh Variables, of this trace
     found = norm_layers(copy)
     for _, layer in found:
       layer.use_running_average, layer.frozen, layer.record_moments = False, False, True
