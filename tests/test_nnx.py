@@ -240,3 +240,20 @@ def test_freeze_keeps_the_statistics_through_train():
   bnjax.nnx.freeze(model, False)
   model(x)
   assert _max_difference(nnx.state(model, nnx.BatchStat), stats) > 0.0
+
+
+def test_the_nnx_mnist_example_runs(data_dir):
+  import os
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  command = [sys.executable, str(REPO / 'experiments' / 'nnx_mnist.py'), f'--data_dir={data_dir}', '--data_source=files',
+             '--steps=10', '--batch_size=50']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('without BN: test accuracy 0.') and lines[1].startswith('with BN: test accuracy 0.')
+  assert 'with precise statistics 0.' in lines[1]
