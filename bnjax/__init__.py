@@ -19,6 +19,7 @@ studies). The core never imports them.
 import importlib
 
 from bnjax import layers  # what the Flax layers share (flax-free)
+from bnjax import torch_interop  # PyTorch's BN state dicts (no torch import)
 from bnjax.moments import Moments, batch_moments, pooled_moments
 from bnjax.norm import (
     BatchNormState,

@@ -56,6 +56,17 @@ _START_VALUES = {'step': (0, jnp.int32), 'decay_product': (1.0, jnp.float32)}
 SCHEDULE_OPTIONS = ('momentum', 'renorm_momentum', 'rmax', 'dmax')
 
 
+def renorm_options(batch_norm_options: Mapping[str, Any], **renorm: Any) -> dict:
+  """A BatchRenorm layer's keyword options: its BatchNorm options but `unbiased_moving_var`, and `renorm`'s.
+
+  Raises:
+    ValueError: `unbiased_moving_var` is set (PyTorch's running variance; PyTorch has no batch renorm).
+  """
+  if batch_norm_options.get('unbiased_moving_var'):
+    raise ValueError('BatchRenorm: unbiased_moving_var is an option of BatchNorm only (PyTorch has no batch renorm).')
+  return {name: value for name, value in batch_norm_options.items() if name != 'unbiased_moving_var'} | renorm
+
+
 def stored_fields(state_type: type, options: Mapping[str, Any]) -> tuple[str, ...]:
   """The state fields a layer with these options stores (see the module doc).
 

@@ -156,6 +156,8 @@ class BatchNorm(nn.Module):
     virtual_batch_size: ghost BN: normalize consecutive groups of this many
       examples separately; must divide N. None: plain BN.
     debias: correct the moving averages for their initial value.
+    unbiased_moving_var: the moving variance averages the unbiased batch
+      variance, as PyTorch's running_var (`bnjax.torch_interop`). BatchNorm only.
   """
 
   use_running_average: bool | None = None
@@ -174,6 +176,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   virtual_batch_size: int | None = None
   debias: bool = False
+  unbiased_moving_var: bool = False
 
   # The core function this module wraps (a class attribute, not a field).
   _kind = layers.BATCH_NORM
@@ -185,6 +188,7 @@ class BatchNorm(nn.Module):
         epsilon=self.epsilon,
         virtual_batch_size=self.virtual_batch_size,
         debias=self.debias,
+        unbiased_moving_var=self.unbiased_moving_var,
     )
 
   @nn.compact
@@ -258,7 +262,8 @@ class BatchRenorm(BatchNorm):
   _kind = layers.BATCH_RENORM
 
   def _options(self) -> dict:
-    return dict(super()._options(), renorm_momentum=self.renorm_momentum, rmax=self.rmax, dmax=self.dmax)
+    return layers.renorm_options(super()._options(), renorm_momentum=self.renorm_momentum, rmax=self.rmax,
+                                 dmax=self.dmax)
 
 
 def _pooled_layers(recorded: Mapping[str, Any]) -> Any:

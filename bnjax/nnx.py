@@ -109,6 +109,8 @@ class BatchNorm(nnx.Module):
   bnjax's options:
     virtual_batch_size: ghost BN group size; must divide N. None: plain BN.
     debias: correct the moving averages for their initial value.
+    unbiased_moving_var: the moving variance averages the unbiased batch
+      variance, as PyTorch's running_var (`bnjax.torch_interop`). BatchNorm only.
   """
 
   _kind = layers.BATCH_NORM
@@ -136,6 +138,7 @@ class BatchNorm(nnx.Module):
       scale_metadata: tp.Mapping[str, Any] = MappingProxyType({}),
       virtual_batch_size: int | None = None,
       debias: bool = False,
+      unbiased_moving_var: bool = False,
       **kind_options,
   ):
     feature_shape = (num_features,)
@@ -154,6 +157,7 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.virtual_batch_size = virtual_batch_size
     self.debias = debias
+    self.unbiased_moving_var = unbiased_moving_var
     self.frozen = False
     for name, value in kind_options.items():  # BatchRenorm's renorm_momentum, rmax, dmax
       setattr(self, name, _as_attribute(value))
@@ -170,7 +174,7 @@ class BatchNorm(nnx.Module):
   def _options(self) -> dict:
     """The keyword arguments of the pure function that come from the attributes."""
     return dict(momentum=_value(self.momentum), epsilon=self.epsilon, virtual_batch_size=self.virtual_batch_size,
-                debias=self.debias)
+                debias=self.debias, unbiased_moving_var=self.unbiased_moving_var)
 
   def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
     """Normalizes x `[N, ..., C]`; `mask` `[N]` (or broadcastable to x) leaves entries out of the statistics."""
@@ -222,8 +226,8 @@ class BatchRenorm(BatchNorm):
     super().__init__(num_features, rngs=rngs, renorm_momentum=renorm_momentum, rmax=rmax, dmax=dmax, **options)
 
   def _options(self) -> dict:
-    return dict(super()._options(), renorm_momentum=_value(self.renorm_momentum), rmax=_value(self.rmax),
-                dmax=_value(self.dmax))
+    return layers.renorm_options(super()._options(), renorm_momentum=_value(self.renorm_momentum),
+                                 rmax=_value(self.rmax), dmax=_value(self.dmax))
 
 
 def norm_layers(model: nnx.Module) -> list[tuple[tuple, BatchNorm]]:

@@ -316,8 +316,17 @@ def _mask_view(mask, layout: _Layout, x_shape: tuple):
 # The computations.
 
 
-def _training_statistics(x, layout, mask, axis_name, axis_index_groups):
+def _unbiased(moments):
+  """The moments with the unbiased variance `var * n / (n - 1)` (n the count; var as it is for n <= 1)."""
+  return moments._replace(var=moments.var * moments.count / jnp.maximum(moments.count - 1, 1))
+
+
+def _training_statistics(x, layout, mask, axis_name, axis_index_groups, unbiased=False):
   """The input in its view, its batch statistics, and the statistics to track.
+
+  With `unbiased`, the tracked variance is the unbiased one (PyTorch's
+  running variance): of the whole batch, or of each ghost group before the
+  groups are pooled.
 
   Returns:
     `(xv, mask, batch, tracked)`: `xv` x in the compute dtype and
@@ -331,13 +340,13 @@ def _training_statistics(x, layout, mask, axis_name, axis_index_groups):
   if not layout.ghost:
     # Plain BN: the statistics of the whole (cross-device) batch.
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask, axis_name, axis_index_groups)
-    tracked = batch
+    tracked = _unbiased(batch) if unbiased else batch
   else:
     # Ghost BN: each local group is normalized on its own (one group may be
     # the whole local batch: per-device BN); the moving statistics track the
     # pooled group statistics of every device.
     batch = moments_lib.batch_moments(xv, layout.reduce_axes, mask)
-    tracked = moments_lib.pooled_moments(batch, axis_name, axis_index_groups)
+    tracked = moments_lib.pooled_moments(_unbiased(batch) if unbiased else batch, axis_name, axis_index_groups)
   num_features = max(layout.feature_shape)
   tracked = jax.lax.stop_gradient(moments_lib.Moments(*(jnp.reshape(a, (num_features,)) for a in tracked)))
   return xv, mask, batch, tracked
@@ -421,6 +430,7 @@ def batch_norm(
     axis_index_groups: Any = None,
     mask: Array | None = None,
     debias: bool = False,
+    unbiased_moving_var: bool = False,
 ) -> tuple[Array, BatchNormState]:
   """Batch normalization (Ioffe & Szegedy 2015) with explicit moving statistics.
 
@@ -458,6 +468,11 @@ def batch_norm(
       are still normalized). A batch with no valid entry leaves the moving
       statistics unchanged.
     debias: correct the moving averages for their initial value (see module doc).
+    unbiased_moving_var: the moving variance averages the unbiased batch
+      variance `var_B * n / (n - 1)` (n the entries per feature: of the
+      global batch, or of each ghost group), as PyTorch's `running_var`
+      does; the batch is still normalized with the biased var_B (as
+      PyTorch does too). Default False (Keras, Flax: the biased variance).
 
   Returns:
     `(y, new_state)`, y with the shape of x and its dtype (float32 for
@@ -469,7 +484,9 @@ def batch_norm(
   )
   if not training:
     return _normalize_with_moving_statistics(x, params, state, epsilon, layout), state
-  xv, mask, batch, tracked = _training_statistics(x, layout, mask, axis_name, axis_index_groups)
+  xv, mask, batch, tracked = _training_statistics(
+      x, layout, mask, axis_name, axis_index_groups, unbiased=unbiased_moving_var
+  )
   multiplier, offset = _affine_coefficients(params, layout.view_feature_shape, xv.dtype)
   y = normalize(
       xv, batch, multiplier, offset, mask,

@@ -35,7 +35,7 @@ def as_schedule(value: ScalarOrSchedule) -> Schedule:
   return lambda step: value
 
 
-def momentum_from_pytorch(pytorch_momentum: float) -> float:
+def momentum_from_pytorch(pytorch_momentum: float | None) -> float | None:
   """Converts PyTorch's BN momentum (weight of the batch) to ours (weight of the past).
 
   PyTorch: `running = (1 - m) * running + m * batch`, default m = 0.1.
@@ -43,6 +43,8 @@ def momentum_from_pytorch(pytorch_momentum: float) -> float:
   So PyTorch's 0.1 is 0.9 here. PyTorch's `momentum=None` (cumulative moving
   average) is `momentum=None` here too.
   """
+  if pytorch_momentum is None:
+    return None
   return 1.0 - pytorch_momentum
 
 

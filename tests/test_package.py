@@ -4,7 +4,7 @@ from pathlib import Path
 
 import bnjax
 
-EAGER = {'layers', 'moments', 'normalize', 'norm', 'precise', 'schedules'}
+EAGER = {'layers', 'torch_interop', 'moments', 'normalize', 'norm', 'precise', 'schedules'}
 
 
 def test_every_module_is_reachable_from_the_package():

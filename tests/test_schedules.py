@@ -35,6 +35,7 @@ def test_inverse_decay_momentum_rejects_bad_arguments(kwargs, message):
 
 def test_pytorch_momentum_conversion():
   assert bnjax.momentum_from_pytorch(0.1) == pytest.approx(0.9)
+  assert bnjax.momentum_from_pytorch(None) is None  # PyTorch's cumulative average is ours
   params, state = bnjax.batch_norm_init(4)
   x = np.random.default_rng(0).normal(2.0, 1.0, (16, 4)).astype(np.float32)
   _, state = bnjax.batch_norm(x, params, state, training=True, momentum=bnjax.momentum_from_pytorch(0.1))
