@@ -117,9 +117,10 @@ def to_torch_state_dict(
   """
   if isinstance(state, Mapping):
     state = layers.as_state(norm_lib.BatchNormState, state)
-  result = {prefix + theirs: np.asarray(params[ours], np.float32) for theirs, ours in PARAM_NAMES.items()
+  # Writable copies (a jax array viewed by numpy is read-only; torch.from_numpy warns about those).
+  result = {prefix + theirs: np.array(params[ours], np.float32) for theirs, ours in PARAM_NAMES.items()
             if ours in params}
-  result[prefix + 'running_mean'] = np.asarray(state.mean, np.float32)
-  result[prefix + 'running_var'] = np.asarray(state.var, np.float32)
-  result[prefix + 'num_batches_tracked'] = np.asarray(state.step, np.int64)
+  result[prefix + 'running_mean'] = np.array(state.mean, np.float32)
+  result[prefix + 'running_var'] = np.array(state.var, np.float32)
+  result[prefix + 'num_batches_tracked'] = np.array(state.step, np.int64)
   return result
