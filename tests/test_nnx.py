@@ -257,3 +257,20 @@ def test_the_nnx_mnist_example_runs(data_dir):
   lines = result.stdout.splitlines()
   assert lines[0].startswith('without BN: test accuracy 0.') and lines[1].startswith('with BN: test accuracy 0.')
   assert 'with precise statistics 0.' in lines[1]
+
+
+def test_axis_name_weights_devices_by_their_valid_examples():
+  layer = bnnnx.BatchNorm(C, momentum=0.5, axis_name='devices', rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  x = _x(shape=(2, 6, C)) + jnp.arange(2.0)[:, None, None]  # 2 "devices" of 6 examples
+  masks = jnp.stack([jnp.arange(6) < 2, jnp.arange(6) < 6])  # 2 and 6 valid examples
+
+  def device(x, mask):
+    copy = nnx.merge(graphdef, state, copy=True)
+    return copy(x, mask=mask), nnx.state(copy, nnx.BatchStat)
+
+  ys, stats = jax.vmap(device, axis_name='devices')(x, masks)
+  valid = np.concatenate([np.asarray(x[0, :2], np.float64), np.asarray(x[1], np.float64)])
+  np.testing.assert_allclose(stats['mean'][...][0], 0.5 * valid.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'][...][1], 0.5 + 0.5 * valid.var(0), rtol=1e-5)
+  np.testing.assert_allclose(ys[1], (x[1] - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5), rtol=1e-4, atol=1e-4)
