@@ -14,7 +14,8 @@ from bnjax.lab import config as C
 from bnjax.lab import models, options
 from conftest import REPO
 
-CORE = sorted(p for p in (REPO / 'bnjax').glob('*.py') if p.stem not in ('linen',))
+FLAX_MODULES = ('linen', 'nnx')  # the only modules of bnjax/ that import Flax
+CORE = sorted(p for p in (REPO / 'bnjax').glob('*.py') if p.stem not in FLAX_MODULES)
 
 
 def _imports(path: Path) -> set[str]:
@@ -29,19 +30,20 @@ def _imports(path: Path) -> set[str]:
   return names
 
 
-@pytest.mark.parametrize('path', CORE + [REPO / 'bnjax' / 'linen.py'], ids=lambda p: p.name)
+@pytest.mark.parametrize('path', CORE + [REPO / 'bnjax' / f'{name}.py' for name in FLAX_MODULES], ids=lambda p: p.name)
 def test_no_core_module_imports_the_lab(path):
   imported = _imports(path)
   assert not [name for name in imported if name.startswith('bnjax.lab') or name == 'bnjax.lab'], imported
-  if path.stem != 'linen':
-    assert not [name for name in imported if name.startswith(('bnjax.linen', 'flax', 'optax', 'orbax'))], imported
+  if path.stem not in FLAX_MODULES:
+    assert not [name for name in imported
+                if name.startswith(('bnjax.linen', 'bnjax.nnx', 'flax', 'optax', 'orbax', 'torch'))], imported
 
 
 def test_import_bnjax_loads_no_heavy_dependency():
   code = ('import sys, numpy as np, bnjax\n'
           'p, s = bnjax.batch_norm_init(3)\n'
           'y, s = bnjax.batch_norm(np.ones((4, 3), np.float32), p, s, training=True)\n'
-          "heavy = [m for m in ('flax', 'optax', 'orbax', 'tensorflow_datasets', 'matplotlib', 'tensorboardX')"
+          "heavy = [m for m in ('flax', 'optax', 'orbax', 'tensorflow_datasets', 'matplotlib', 'tensorboardX', 'torch')"
           ' if m in sys.modules]\n'
           'print(heavy)')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
