@@ -65,7 +65,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bnjax import layers
