@@ -300,13 +300,15 @@ def _jax_category(name, instructions, users, depth=0):
   return category
 
 
-def profile_jax(run_step, compiled_text, steps):
+def profile_jax(run_step, compiled_text, steps, categorize=None):
   """`({category: ms per step}, wall ms per step)` from XLA:CPU's per-thunk trace events.
 
   Thunks run concurrently on the executor's threads: each moment's wall time
   is split equally among the thunks running then, so the categories add up to
-  the time some thunk was running.
+  the time some thunk was running. `categorize(name, instructions, users)`:
+  a thunk's category (default `_jax_category`, cnn_seed's).
   """
+  categorize = categorize or _jax_category
   instructions = _hlo_instructions(compiled_text)
   users = collections.defaultdict(list)
   for name, (_, _, _, operands) in instructions.items():
@@ -323,7 +325,7 @@ def profile_jax(run_step, compiled_text, steps):
   share = _exclusive_shares(events)
   totals = collections.Counter()
   for event, seconds in zip(events, share):
-    totals[_jax_category(event['args']['hlo_op'], instructions, users)] += seconds
+    totals[categorize(event['args']['hlo_op'], instructions, users)] += seconds
   return {k: v / steps / 1e3 for k, v in totals.items()}, wall * 1e3
 
 
@@ -355,9 +357,10 @@ _TORCH_CATEGORIES = (
 )
 
 
-def profile_torch(run, steps):
+def profile_torch(run, steps, categories=None):
   """`({category: ms per step}, wall ms per step)` from torch.profiler's CPU events (self times, by nearest labelled ancestor)."""
   torch = run.torch
+  categories = categories or _TORCH_CATEGORIES
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     start = time.perf_counter()
     run(steps)
@@ -366,7 +369,7 @@ def profile_torch(run, steps):
   for event in prof.events():
     category, node = 'other', event
     while node is not None and category == 'other':
-      category = next((c for key, c in _TORCH_CATEGORIES if key in node.name), 'other')
+      category = next((c for key, c in categories if key in node.name), 'other')
       node = node.cpu_parent
     totals[category] += event.self_cpu_time_total
   return {k: v / steps / 1e3 for k, v in totals.items()}, wall * 1e3
