@@ -211,14 +211,20 @@ def contenders(batch, torch_compile=False):
   return found
 
 
-def compare(batch, rounds, steps, torch_compile=False):
-  found = contenders(batch, torch_compile)
+def alternate(found, rounds, steps):
+  """`{name: [seconds per step, one per round]}`: each round runs every contender `run(steps)` in turn."""
   times = {name: [] for name in found}
   for _ in range(rounds):
     for name, run in found.items():
       start = time.perf_counter()
       run(steps)
       times[name].append((time.perf_counter() - start) / steps)
+  return times
+
+
+def compare(batch, rounds, steps, torch_compile=False):
+  found = contenders(batch, torch_compile)
+  times = alternate(found, rounds, steps)
   baseline = next((name for name in found if name.startswith('pytorch')), None)
   print(f'\ncnn_seed training step, batch {batch}: median of {rounds} rounds of {steps} steps '
         f'(load average {", ".join(f"{v:.1f}" for v in os.getloadavg())})')
@@ -391,14 +397,20 @@ def profile(batch, steps):
   run = torch_contender(batch)
   if run is not None:
     columns['pytorch'] = profile_torch(run, steps)
-  print(f'\nWhere one cnn_seed training step goes, batch {batch}, ms per step (mean of {steps} steps, '
-        f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}')
-  print('  ' + f'{"":32s}' + ''.join(f'{title:>34s}' for title in columns))
-  for category in CATEGORIES:
-    if any(category in split for split, _ in columns.values()):
-      print(f'  {category:32s}' + ''.join(f'{split.get(category, 0.0):34.1f}' for split, _ in columns.values()))
-  print(f'  {"sum of the above":32s}' + ''.join(f'{sum(split.values()):34.1f}' for split, _ in columns.values()))
-  print(f'  {"wall (profiled)":32s}' + ''.join(f'{wall:34.1f}' for _, wall in columns.values()))
+  print_profile(f'Where one cnn_seed training step goes, batch {batch}, ms per step (mean of {steps} steps, '
+                f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}', columns, CATEGORIES)
+
+
+def print_profile(title, columns, categories, label_width=32, column_width=34):
+  """Prints `{column title: ({category: ms}, wall ms)}` as a table, one row per category present."""
+  print(f'\n{title}')
+  print('  ' + ' ' * label_width + ''.join(f'{name:>{column_width}s}' for name in columns))
+  rows = [(category, [split.get(category, 0.0) for split, _ in columns.values()])
+          for category in categories if any(category in split for split, _ in columns.values())]
+  rows += [('sum of the above', [sum(split.values()) for split, _ in columns.values()]),
+           ('wall (profiled)', [wall for _, wall in columns.values()])]
+  for label, values in rows:
+    print(f'  {label:{label_width}s}' + ''.join(f'{value:{column_width}.1f}' for value in values))
 
 
 def _engine_step(model, images, labels, batch, mesh=None):

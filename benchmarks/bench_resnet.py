@@ -28,14 +28,12 @@ machine is shared, and the load average is printed beside them.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import functools
 import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -230,12 +228,7 @@ def contenders(batch, depth=20, levers=True):
 
 def compare(batch, rounds, steps, depth=20, levers=True):
   found = contenders(batch, depth, levers)
-  times = {name: [] for name in found}
-  for _ in range(rounds):
-    for name, run in found.items():
-      start = time.perf_counter()
-      run(steps)
-      times[name].append((time.perf_counter() - start) / steps)
+  times = bench_conv.alternate(found, rounds, steps)
   medians = {name: statistics.median(t) for name, t in times.items()}
   torch_rows = [name for name in found if name.startswith('pytorch')]
   base = medians[torch_rows[0]] if torch_rows else None
@@ -320,14 +313,9 @@ def profile(batch, steps, depth=20):
   run = torch_contender(batch, depth)
   if run is not None:
     columns['pytorch (2 threads)'] = bench_conv.profile_torch(run, steps, _TORCH_CATEGORIES)
-  print(f'\nWhere one ResNet-{depth} training step goes, batch {batch}, ms per step (mean of {steps} steps, '
-        f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}')
-  print('  ' + f'{"":42s}' + ''.join(f'{title:>26s}' for title in columns))
-  for category in CATEGORIES:
-    if any(category in split for split, _ in columns.values()):
-      print(f'  {category:42s}' + ''.join(f'{split.get(category, 0.0):26.1f}' for split, _ in columns.values()))
-  print(f'  {"sum of the above":42s}' + ''.join(f'{sum(split.values()):26.1f}' for split, _ in columns.values()))
-  print(f'  {"wall (profiled)":42s}' + ''.join(f'{wall:26.1f}' for _, wall in columns.values()))
+  bench_conv.print_profile(
+      f'Where one ResNet-{depth} training step goes, batch {batch}, ms per step (mean of {steps} steps, '
+      f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}', columns, CATEGORIES, 42, 26)
 
 
 def main():
