@@ -211,14 +211,20 @@ def contenders(batch, torch_compile=False):
   return found
 
 
-def compare(batch, rounds, steps, torch_compile=False):
-  found = contenders(batch, torch_compile)
+def alternate(found, rounds, steps):
+  """`{name: [seconds per step, one per round]}`: each round runs every contender `run(steps)` in turn."""
   times = {name: [] for name in found}
   for _ in range(rounds):
     for name, run in found.items():
       start = time.perf_counter()
       run(steps)
       times[name].append((time.perf_counter() - start) / steps)
+  return times
+
+
+def compare(batch, rounds, steps, torch_compile=False):
+  found = contenders(batch, torch_compile)
+  times = alternate(found, rounds, steps)
   baseline = next((name for name in found if name.startswith('pytorch')), None)
   print(f'\ncnn_seed training step, batch {batch}: median of {rounds} rounds of {steps} steps '
         f'(load average {", ".join(f"{v:.1f}" for v in os.getloadavg())})')
@@ -300,13 +306,15 @@ def _jax_category(name, instructions, users, depth=0):
   return category
 
 
-def profile_jax(run_step, compiled_text, steps):
+def profile_jax(run_step, compiled_text, steps, categorize=None):
   """`({category: ms per step}, wall ms per step)` from XLA:CPU's per-thunk trace events.
 
   Thunks run concurrently on the executor's threads: each moment's wall time
   is split equally among the thunks running then, so the categories add up to
-  the time some thunk was running.
+  the time some thunk was running. `categorize(name, instructions, users)`:
+  a thunk's category (default `_jax_category`, cnn_seed's).
   """
+  categorize = categorize or _jax_category
   instructions = _hlo_instructions(compiled_text)
   users = collections.defaultdict(list)
   for name, (_, _, _, operands) in instructions.items():
@@ -323,7 +331,7 @@ def profile_jax(run_step, compiled_text, steps):
   share = _exclusive_shares(events)
   totals = collections.Counter()
   for event, seconds in zip(events, share):
-    totals[_jax_category(event['args']['hlo_op'], instructions, users)] += seconds
+    totals[categorize(event['args']['hlo_op'], instructions, users)] += seconds
   return {k: v / steps / 1e3 for k, v in totals.items()}, wall * 1e3
 
 
@@ -355,9 +363,10 @@ _TORCH_CATEGORIES = (
 )
 
 
-def profile_torch(run, steps):
+def profile_torch(run, steps, categories=None):
   """`({category: ms per step}, wall ms per step)` from torch.profiler's CPU events (self times, by nearest labelled ancestor)."""
   torch = run.torch
+  categories = categories or _TORCH_CATEGORIES
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     start = time.perf_counter()
     run(steps)
@@ -366,7 +375,7 @@ def profile_torch(run, steps):
   for event in prof.events():
     category, node = 'other', event
     while node is not None and category == 'other':
-      category = next((c for key, c in _TORCH_CATEGORIES if key in node.name), 'other')
+      category = next((c for key, c in categories if key in node.name), 'other')
       node = node.cpu_parent
     totals[category] += event.self_cpu_time_total
   return {k: v / steps / 1e3 for k, v in totals.items()}, wall * 1e3
@@ -388,14 +397,20 @@ def profile(batch, steps):
   run = torch_contender(batch)
   if run is not None:
     columns['pytorch'] = profile_torch(run, steps)
-  print(f'\nWhere one cnn_seed training step goes, batch {batch}, ms per step (mean of {steps} steps, '
-        f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}')
-  print('  ' + f'{"":32s}' + ''.join(f'{title:>34s}' for title in columns))
-  for category in CATEGORIES:
-    if any(category in split for split, _ in columns.values()):
-      print(f'  {category:32s}' + ''.join(f'{split.get(category, 0.0):34.1f}' for split, _ in columns.values()))
-  print(f'  {"sum of the above":32s}' + ''.join(f'{sum(split.values()):34.1f}' for split, _ in columns.values()))
-  print(f'  {"wall (profiled)":32s}' + ''.join(f'{wall:34.1f}' for _, wall in columns.values()))
+  print_profile(f'Where one cnn_seed training step goes, batch {batch}, ms per step (mean of {steps} steps, '
+                f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}', columns, CATEGORIES)
+
+
+def print_profile(title, columns, categories, label_width=32, column_width=34):
+  """Prints `{column title: ({category: ms}, wall ms)}` as a table, one row per category present."""
+  print(f'\n{title}')
+  print('  ' + ' ' * label_width + ''.join(f'{name:>{column_width}s}' for name in columns))
+  rows = [(category, [split.get(category, 0.0) for split, _ in columns.values()])
+          for category in categories if any(category in split for split, _ in columns.values())]
+  rows += [('sum of the above', [sum(split.values()) for split, _ in columns.values()]),
+           ('wall (profiled)', [wall for _, wall in columns.values()])]
+  for label, values in rows:
+    print(f'  {label:{label_width}s}' + ''.join(f'{value:{column_width}.1f}' for value in values))
 
 
 def _engine_step(model, images, labels, batch, mesh=None):

@@ -2,6 +2,7 @@
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +35,21 @@ def test_empty_mask_gives_zero_statistics_and_count():
   np.testing.assert_array_equal(m.mean, 0.0)
   np.testing.assert_array_equal(m.var, 0.0)
   np.testing.assert_array_equal(m.count, 0.0)
+
+
+def test_statistics_across_a_named_axis_keep_the_variance_of_data_with_a_large_mean():
+  # 4 "devices" (vmap with an axis name: the same collective as shard_map's) with 1e4 + N(0, 1) + a
+  # per-device shift and 1..4 valid examples of 4: a one-pass sum of squares cancels here (flax#1491).
+  rng = np.random.default_rng(3)
+  x = (1e4 + np.arange(4)[:, None, None] * 0.5 + rng.normal(size=(4, 4, 3))).astype(np.float32)
+  mask = np.arange(4)[None, :, None] <= np.arange(4)[:, None, None]
+  m = jax.vmap(lambda x, mask: moments.batch_moments(x, (0,), mask, axis_name='i'), axis_name='i')(x, mask)
+  valid = x.astype(np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 3)
+  np.testing.assert_allclose(m.mean[:, 0], np.broadcast_to(valid.mean(0), (4, 3)), rtol=1e-7, atol=0)
+  np.testing.assert_allclose(m.var[:, 0], np.broadcast_to(valid.var(0), (4, 3)), rtol=1e-5)
+  np.testing.assert_array_equal(m.count, 10)
+  one_pass = np.mean(valid.astype(np.float32) ** 2, 0) - np.mean(valid.astype(np.float32), 0) ** 2
+  assert np.max(np.abs(one_pass - valid.var(0))) > 0.1
 
 
 def test_pooled_moments_weight_groups_by_count():
