@@ -158,7 +158,7 @@ def study_seed003(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 
   config = config_lib.validate(TrainConfig(**{**_CIFAR, 'epochs': settings['epochs'], 'seed': settings['seed'],
                                               'data_dir': data_dir, 'workdir': str(out / 'run')}))
-  summary = experiment.run(config, resume='auto', progress=False, log=log)
+  summary = experiment.run(config, resume='auto', progress=False, log=log, folder_flag=None)
   history = [json.loads(line) for line in (out / 'run' / 'metrics.jsonl').read_text().splitlines()][: config.epochs]
   ours = {m['epoch']: m['val_accuracy'] for m in history}
   epochs = sorted(set(SEED003_SOURCE_LOG) | {1, 2, 3, 4, 8} | {max(ours)})
