@@ -17,7 +17,11 @@ Conventions:
 - Momentum is the weight of the old moving average (Keras/Flax):
   `moving = momentum * moving + (1 - momentum) * batch`. PyTorch's 0.1 is 0.9
   here (`bnjax.schedules.momentum_from_pytorch`). `momentum=None` gives the
-  cumulative moving average (batch k gets weight 1 / (k + 1)).
+  cumulative moving average (batch k gets weight 1 / (k + 1)). A momentum
+  outside [0, 1] is an error where its value is known and clipped to [0, 1]
+  under jit (an overshooting schedule would make the variance negative).
+- Training needs more than one value per feature: a batch (or ghost batch) of
+  one dense example is refused, as PyTorch does (every value would be 0).
 - `debias=True` corrects the moving averages for their initial value, like
   Adam's bias correction: after the first update the moving statistics equal
   the batch statistics, whatever the momentum and the initial state.
@@ -30,6 +34,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -316,6 +321,17 @@ def _mask_view(mask, layout: _Layout, x_shape: tuple):
 # The computations.
 
 
+def _check_more_than_one_value(x_shape, layout, mask, axis_name):
+  """Training on one value per feature normalizes it to 0: the output is the bias and no gradient reaches the
+  layer below. Refused where that is known at trace time (no mask, no cross-device statistics), as PyTorch does."""
+  values = math.prod(layout.view_shape[a] for a in layout.reduce_axes)
+  if values == 1 and mask is None and axis_name is None:
+    group = ' per ghost batch' if layout.ghost else ''
+    raise ValueError(
+        f'batch norm in training got 1 value per feature{group} (x shape {tuple(x_shape)}): every value would '
+        'normalize to 0 (output = bias, no gradient); use a batch of 2 or more, or training=False.')
+
+
 def _unbiased(moments):
   """The moments with the unbiased variance `var * n / (n - 1)` (n the count; var as it is for n <= 1)."""
   return moments._replace(var=moments.var * moments.count / jnp.maximum(moments.count - 1, 1))
@@ -336,6 +352,7 @@ def _training_statistics(x, layout, mask, axis_name, axis_index_groups, unbiased
     statistics are not trained).
   """
   xv = x.astype(moments_lib.compute_dtype(x.dtype)).reshape(layout.view_shape)
+  _check_more_than_one_value(x.shape, layout, mask, axis_name)
   mask = _mask_view(mask, layout, x.shape)
   if not layout.ghost:
     # Plain BN: the statistics of the whole (cross-device) batch.
@@ -353,12 +370,18 @@ def _training_statistics(x, layout, mask, axis_name, axis_index_groups, unbiased
 
 
 def _ema_weights(momentum, step, decay_product, debias):
-  """Weights `(keep, take)` of old and new values, and the new decay product."""
+  """Weights `(keep, take)` of old and new values, and the new decay product.
+
+  A momentum outside [0, 1] (e.g. a schedule that overshoots) would make the variance negative: it is an
+  error where its value is known (outside jit), and clipped to [0, 1] under jit.
+  """
   if momentum is None:
     stepf = step.astype(jnp.float32)
     momentum_now = stepf / (stepf + 1.0)
   else:
     momentum_now = jnp.asarray(as_schedule(momentum)(step), jnp.float32)
+    _check_momentum_range(momentum_now)
+    momentum_now = jnp.clip(momentum_now, 0.0, 1.0)
   new_product = decay_product * momentum_now
   if debias:
     take = (1.0 - momentum_now) / jnp.maximum(1.0 - new_product, jnp.finfo(jnp.float32).tiny)
@@ -366,6 +389,15 @@ def _ema_weights(momentum, step, decay_product, debias):
   else:
     keep, take = momentum_now, 1.0 - momentum_now
   return keep, take, new_product
+
+
+def _check_momentum_range(momentum_now):
+  if isinstance(momentum_now, jax.core.Tracer):
+    return
+  values = np.asarray(momentum_now)
+  if np.any((values < 0) | (values > 1)) or not np.all(np.isfinite(values)):
+    raise ValueError(f'momentum {values.tolist()} is outside [0, 1] (the weight of the old moving average); '
+                     'check the momentum value or schedule.')
 
 
 def _ema(old, new, keep, take, has_data):

@@ -8,7 +8,8 @@ r"""Run a named study: the source's comparisons, the sweeps and the reproduction
 A study's settings are flags: `--NAME=VALUE`, `--NAME=V1,V2` for lists (the
 same syntax as the sweep's flags); a grid study takes every training option.
 Outputs in <out>/<study>/: results.json (numbers, settings, hardware, wall
-time), table.md, PNG plots, and the runs (re-running reuses finished runs).
+time), table.md, PNG plots, and the runs (re-running reuses finished runs and continues stopped
+ones; runs there with other settings are refused: --overwrite trains the study afresh).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ flags.DEFINE_string('study', None, 'The study (--list lists them); "all": every 
 flags.DEFINE_enum('budget', 'cpu', studies.BUDGETS, "cpu: a budget a 2-core machine runs in minutes; full: the "
                   "source's or paper's budget.")
 flags.DEFINE_string('out', 'runs/studies', 'Output folder; each study writes <out>/<study>/.')
+flags.DEFINE_bool('resume', False, "Continue the study's runs in <out>/<study>/ (without it, finished runs are "
+                  'reused and stopped ones continued too; --resume only insists that they are there).')
+flags.DEFINE_bool('overwrite', False, "Delete <out>/<study>/ first: every run of the study trains again (e.g. after "
+                  'changing a setting of a study whose runs are there).')
 flags.DEFINE_bool('list', False, 'List the studies, their old names and settings, and exit.')
 flags.DEFINE_multi_string('set', [], 'Deprecated (use --NAME=VALUE): a setting NAME=VALUE.')
 flags.DEFINE_bool('verbose', False, 'Show the traceback of an error (users get one line without it).')
@@ -65,7 +70,8 @@ def main(argv):
   command = ' '.join(shlex.quote(a) for a in ['python', f'experiments/{Path(sys.argv[0]).name}'] + sys.argv[1:])
   for name in names:
     results = studies.run_study(name, FLAGS.out, budget=FLAGS.budget, overrides=overrides,
-                                data_dir=FLAGS.data_dir, command=command)
+                                data_dir=FLAGS.data_dir, command=command, resume=FLAGS.resume,
+                                overwrite=FLAGS.overwrite)
     print(results['table'])
   return 0
 

@@ -102,7 +102,27 @@ FLAG_CASES = [
     ('study.py', ['--study=repro_renorm', '--epoch=3'], 2, 'epoch'),
     ('study.py', ['--study=fig2'], 2, "--study='fig2'"),
     ('study.py', ['--study=repro_renorm', '--momentum=0.9'], 2, '--momentum'),
+    ('train.py', ['--batch_size=1'], 2, '--batch_size=1 is invalid: expected at least 2 with --norm=bn'),
+    ('train.py', ['--seed=1e30'], 2, '--seed=1000000000000000019884624838656 is invalid'),
+    ('study.py', ['--study=repro_renorm', '--ghost_sizes=3,4', '--resume', '--overwrite'], 2, '--resume and --overwrite'),
 ]
+
+
+@pytest.mark.parametrize('make, needle', [
+    (lambda tmp: tmp / 'missing.csv', 'No such file or directory'),
+    (lambda tmp: (tmp / 'other.csv').write_text('a,b\n1,2\n') and tmp / 'other.csv', 'lacks the columns run_id'),
+    (lambda tmp: None, 'give one results.csv'),
+])
+def test_report_errors(make, needle, tmp_path):
+  path = make(tmp_path)
+  result = run_script('report.py', *([path] if path else []), timeout=120)
+  _one_line(result, 1 if 'No such' in needle else 2, needle)
+
+
+def test_a_study_ghost_size_names_its_flag(study_data_dir, tmp_path):
+  result = run_script('study.py', '--study=small_batch_norms', '--ghost_sizes=3', f'--out={tmp_path}',
+                      f'--data_dir={study_data_dir}', timeout=120)
+  _one_line(result, 2, '--ghost_sizes=3 is invalid')
 
 
 @pytest.mark.parametrize('script, flags, code, needle', FLAG_CASES, ids=[' '.join(c[1]) for c in FLAG_CASES])

@@ -34,7 +34,27 @@ INVALID = [
     (dict(model='cnn_seed', dataset='mnist'), '--model=.cnn_seed.'),
     (dict(augment=True), '--augment=True'),
     (dict(momentum_decay_rate=1.0), '--momentum_decay_rate=1.0'),
+    (dict(norm='bn', batch_size=1), '--batch_size=1 is invalid: expected at least 2 with --norm=bn'),
+    (dict(norm='renorm', batch_size=1), '--batch_size=1'),
+    (dict(norm='ghost', virtual_batch_size=1), '--virtual_batch_size=1'),
+    (dict(norm='bn', eval_stats='batch', eval_batch_size=1), '--eval_batch_size=1'),
+    (dict(seed=2**32), '--seed=4294967296'),
+    (dict(seed=-1), '--seed=-1'),
 ]
+
+
+def test_a_batch_of_one_trains_without_batch_statistics():
+  C.validate(C.TrainConfig(norm='group', num_groups=1, batch_size=1))
+  C.validate(C.TrainConfig(norm='none', batch_size=1))
+
+
+def test_spellings_of_one_value_are_one_run():
+  values = C.parse_values('validation', '0.3,.30,0.30')
+  assert values == ['0.3'] * 3
+  assert C.run_id(C.TrainConfig(validation='.30')) == C.run_id(C.TrainConfig(validation='0.3'))
+  assert C.parse_value('validation', 'test') == 'test'
+  with pytest.raises(ValueError, match='--validation=.half.'):
+    C.validate(C.TrainConfig(validation=C.parse_value('validation', 'half')))
 
 
 @pytest.mark.parametrize('settings, message', INVALID, ids=[m for _, m in INVALID])

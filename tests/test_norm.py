@@ -668,3 +668,30 @@ def test_renorm_state_can_be_donated():
   assert len({id(leaf) for leaf in leaves}) == len(leaves)
   step = jax.jit(lambda s, x: bnjax.batch_renorm(x, params, s, training=True)[1], donate_argnums=0)
   assert int(step(state, _data((8, 4))).step) == 1
+
+
+@pytest.mark.parametrize('fn, init', [(bnjax.batch_norm, bnjax.batch_norm_init),
+                                      (bnjax.batch_renorm, bnjax.batch_renorm_init)])
+def test_training_on_one_value_per_feature_is_refused(fn, init):
+  params, state = init(3)
+  with pytest.raises(ValueError, match='1 value per feature'):
+    fn(jnp.ones((1, 3)), params, state, training=True)
+  with pytest.raises(ValueError, match='per ghost batch'):
+    fn(jnp.ones((4, 3)), params, state, training=True, virtual_batch_size=1)
+  # A single image has H * W values per channel; inference and masked batches are left alone.
+  fn(jnp.ones((1, 2, 2, 3)), params, state, training=True)
+  fn(jnp.ones((1, 3)), params, state, training=False)
+  fn(jnp.ones((1, 3)), params, state, training=True, mask=jnp.ones((1,), bool))
+
+
+def test_momentum_outside_0_1_is_an_error_eagerly_and_clipped_under_jit():
+  params, state = bnjax.batch_norm_init(3)
+  x = jax.random.normal(jax.random.key(0), (8, 3)) * 4
+  overshoot = lambda step: 2.0
+  with pytest.raises(ValueError, match=r'outside \[0, 1\]'):
+    bnjax.batch_norm(x, params, state, training=True, momentum=overshoot)
+  step = jax.jit(lambda s: bnjax.batch_norm(x, params, s, training=True, momentum=overshoot)[1])
+  for _ in range(3):
+    state = step(state)
+  np.testing.assert_allclose(state.var, 1.0)  # momentum 1: the moving variance stays where it was, never negative
+  _, state = bnjax.batch_norm(x, params, state, training=True, momentum=0.9)  # in range: untouched

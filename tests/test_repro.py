@@ -122,6 +122,17 @@ def test_seed003_compares_with_the_source_log_and_resumes(tmp_path, data_dir):
   results, _ = _run('repro_seed003', tmp_path, data_dir, epochs=2)  # continues from epoch 1's checkpoint
   assert [m['epoch'] for m in results['results']['history']] == [1, 2]
   assert (out / 'seed003_curves.png').exists()
+  # Re-run shorter: refused in one line naming the run's folder (study.py has no --workdir), not a 2-epoch table.
+  from bnjax.lab import rundir
+  with pytest.raises(rundir.RunDirError, match=r'^\S+/repro_seed003/run holds a run of --epochs=2; this command asks '
+                     '--epochs=1, shorter: pass --overwrite') as refused:
+    _run('repro_seed003', tmp_path, data_dir, epochs=1)
+  assert '--workdir' not in str(refused.value) and '\n' not in str(refused.value)
+  results = studies.run_study('repro_seed003', tmp_path, overrides=dict(epochs=1), data_dir=data_dir, log=QUIET,
+                              overwrite=True)
+  assert [m['epoch'] for m in results['results']['history']] == [1]
+  with pytest.raises(ValueError, match='--resume: .* holds no run of study repro_seed003'):
+    studies.run_study('repro_seed003', tmp_path / 'elsewhere', data_dir=data_dir, log=QUIET, resume=True)
 
 
 def test_settings_reject_unknown_names_and_budgets():

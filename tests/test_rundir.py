@@ -1,6 +1,7 @@
 """bnjax.lab.rundir: a folder holds one run; resume continues only that run; outputs per epoch."""
 
 import json
+import types
 
 import pytest
 
@@ -30,15 +31,76 @@ def test_a_new_run_in_a_used_folder_is_refused_and_overwrite_starts_clean(data_d
 
 def test_resume_names_the_settings_that_differ(data_dir, tmp_path):
   experiment.run(_config(data_dir, tmp_path), progress=False, log=lambda m: None)
-  with pytest.raises(rundir.RunDirError, match=r"--batch_size=100 \(now 50\)"):
+  with pytest.raises(rundir.RunDirError, match=r"batch_size=100 \(this command: 50\) in its config.json"):
     experiment.run(_config(data_dir, tmp_path, batch_size=50), resume=True, progress=False)
-  with pytest.raises(rundir.RunDirError, match='--norm'):
+  with pytest.raises(rundir.RunDirError, match="norm='bn' \\(this command: 'renorm'\\)"):
     experiment.run(_config(data_dir, tmp_path, norm='renorm'), resume=True, progress=False)
   # Settings that don't change results, and a longer run at a constant learning rate, may change.
   experiment.run(_config(data_dir, tmp_path, epochs=2, progress_updates=3), resume=True, progress=False,
                  log=lambda m: None)
-  with pytest.raises(rundir.RunDirError, match='--epochs'):
+  with pytest.raises(rundir.RunDirError, match='epochs=2 \\(this command: 3\\)'):
     experiment.run(_config(data_dir, tmp_path, epochs=3, lr_schedule='cosine'), resume=True, progress=False)
+
+
+QUIET = dict(progress=False, log=lambda m: None)
+TRAJECTORY = ('epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
+
+
+def _trajectory(workdir):
+  return [{k: m[k] for k in TRAJECTORY} for m in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())]
+
+
+def test_a_run_extended_by_resume_equals_the_uninterrupted_longer_run(data_dir, tmp_path):
+  experiment.run(_config(data_dir, tmp_path / 'short'), **QUIET)
+  extended = experiment.run(_config(data_dir, tmp_path / 'short', epochs=2), resume=True, **QUIET)
+  whole = experiment.run(_config(data_dir, tmp_path / 'whole', epochs=2), **QUIET)
+  assert _trajectory(tmp_path / 'short') == _trajectory(tmp_path / 'whole')
+  assert (extended['test_accuracy'], extended['test_loss']) == (whole['test_accuracy'], whole['test_loss'])
+  assert json.loads((tmp_path / 'short' / 'config.json').read_text())['config']['epochs'] == 2
+
+
+def test_resume_refuses_a_shorter_run_and_a_longer_one_from_inside_an_epoch(data_dir, tmp_path):
+  experiment.run(_config(data_dir, tmp_path, epochs=2), **QUIET)
+  with pytest.raises(rundir.RunDirError, match='holds a run of --epochs=2; this command asks --epochs=1, shorter'):
+    experiment.run(_config(data_dir, tmp_path, epochs=1), resume=True, **QUIET)
+  assert json.loads((tmp_path / 'config.json').read_text())['config']['epochs'] == 2
+  # --steps=3 ends inside the first epoch: its checkpoint is of step 3, not of a whole epoch.
+  partial = tmp_path / 'partial'
+  experiment.run(_config(data_dir, partial, steps=3, epochs=20), **QUIET)
+  assert _trajectory(partial)[-1]['step'] == 3
+  with pytest.raises(rundir.RunDirError, match=r'ended inside an epoch \(step 3; epochs are \d+ steps\)'):
+    experiment.run(_config(data_dir, partial, steps=6, epochs=20), resume=True, **QUIET)
+  with pytest.raises(rundir.RunDirError, match='shorter'):
+    experiment.run(_config(data_dir, partial, steps=2, epochs=20), resume=True, **QUIET)
+  # In steps against the checkpoint when the lengths are given in different units (--epochs against --steps).
+  plan = types.SimpleNamespace(total_steps=2, steps_per_epoch=10)
+  with pytest.raises(rundir.RunDirError, match='after 3 steps; this command asks 2'):
+    rundir.check_resumed_length(partial, 3, plan)
+
+
+def test_a_folder_left_before_the_first_checkpoint_is_started_again_by_the_same_command(data_dir, tmp_path):
+  config = _config(data_dir, tmp_path, precise_bn=10**9)
+  rundir.RunFolder(tmp_path, config).write_config({})       # killed while the data loaded: config.json only
+  (tmp_path / 'metrics.jsonl').write_text('')
+  summary = experiment.run(config, **QUIET)
+  assert summary['status'] == 'completed' and len(_trajectory(tmp_path)) == 1
+  # --precise_bn beyond the training set is capped, and the cap recorded.
+  epoch_steps = _trajectory(tmp_path)[0]['step']
+  assert summary['precise_bn_examples'] == epoch_steps * config.batch_size
+  other = tmp_path / 'other'
+  rundir.RunFolder(other, _config(data_dir, other, seed=3)).write_config({})
+  with pytest.raises(rundir.RunDirError, match='already holds run'):
+    experiment.run(_config(data_dir, other), **QUIET)
+  rundir.RunFolder(other, _config(data_dir, other)).write_config({})
+  assert experiment.run(_config(data_dir, other), resume=True, **QUIET)['status'] == 'completed'
+
+
+def test_checkpoints_without_config_json_are_named_as_such(data_dir, tmp_path):
+  experiment.run(_config(data_dir, tmp_path), **QUIET)
+  (tmp_path / 'config.json').unlink()
+  for resume in (False, True):
+    with pytest.raises(rundir.RunDirError, match='has checkpoints but no config.json'):
+      experiment.run(_config(data_dir, tmp_path), resume=resume, **QUIET)
 
 
 def test_resume_without_a_checkpoint_and_a_file_for_a_folder(data_dir, tmp_path):
@@ -73,4 +135,4 @@ def test_cli_new_run_into_a_used_workdir_then_resume_uses_the_right_run(data_dir
   assert refused.returncode == 2 and refused.stderr.strip().startswith('error: --workdir=')
   assert len(refused.stderr.strip().splitlines()) == 1 and 'Traceback' not in refused.stderr
   mismatch = run_script('train.py', *common, '--epochs=2', '--seed=1', '--resume')
-  assert mismatch.returncode == 2 and '--seed=0 (now 1)' in mismatch.stderr
+  assert mismatch.returncode == 2 and 'seed=0 (this command: 1)' in mismatch.stderr

@@ -183,6 +183,11 @@ def test_sweep_writes_results_records_errors_and_resumes(data_dir, tmp_path):
   kept = lambda files: {k: v for k, v in files.items() if k not in (failed, failed[:-len('.json')])}
   assert kept(before) == kept(after)
   assert after[failed] != before[failed] and '4 already finished, 1 to train' in ''.join(log)
+  # The folder re-used by another command: its results.csv and report hold that command's runs only.
+  log.clear()
+  sweep.run_sweep(configs[:2], tmp_path, report=False, log=log.append)
+  assert [r['run_id'] for r in read_csv(tmp_path / 'results.csv')] == [sweep.run_id(c) for c in configs[:2]]
+  assert '3 other run(s) recorded' in ''.join(log)
 
 
 def test_a_sweep_killed_mid_group_resumes_that_group_to_the_same_numbers(data_dir, tmp_path):

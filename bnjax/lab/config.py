@@ -71,6 +71,9 @@ def canonical(config):
   """
   reset = {name: OPTIONS[name].default for name in FIELDS if not uses(config, name)}
   reset['model'] = architectures.canonical_name(config.model)
+  for name, option in OPTIONS.items():
+    if option.spelling is not None and name not in reset:
+      reset[name] = option.spelling(getattr(config, name))
   return dataclasses.replace(config, **reset)
 
 
@@ -151,7 +154,7 @@ def parse_value(name: str, text: str) -> Any:
       return float(item)
     except ValueError:
       _fail(name, item, 'a number')
-  return item
+  return option.spelling(item) if option.spelling is not None else item
 
 
 def parse_values(name: str, text: str) -> list:
@@ -228,6 +231,14 @@ def validate(config):
       _fail('validation', config.validation, "'test' or a fraction of the training set in (0, 1)")
   if config.dropout_placement != 'none' and config.dropout_rate == 0:
     _fail('dropout_rate', config.dropout_rate, f'> 0 with --dropout_placement={config.dropout_placement}')
+  if kind.moving_statistics and config.batch_size < 2:
+    _fail('batch_size', config.batch_size, f'at least 2 with --norm={config.norm} (the batch statistics of one example '
+          'normalize it to 0: the output is the bias and nothing trains); or --norm=group, layer or none')
+  if kind.moving_statistics and config.eval_stats == 'batch' and config.eval_batch_size < 2:
+    _fail('eval_batch_size', config.eval_batch_size, 'at least 2 with --eval_stats=batch (it is the batch whose '
+          'statistics normalize each test example)')
+  if kind.moving_statistics and config.virtual_batch_size == 1:
+    _fail('virtual_batch_size', 1, 'at least 2 (a ghost batch of one example normalizes it to 0: nothing trains)')
   if config.virtual_batch_size is not None and config.batch_size % config.virtual_batch_size:
     _fail('virtual_batch_size', config.virtual_batch_size, f'a positive divisor of --batch_size={config.batch_size}')
   if config.augment and config.dataset != 'cifar10':

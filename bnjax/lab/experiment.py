@@ -48,8 +48,10 @@ def environment() -> dict[str, Any]:
   }
 
 
-def check_workdir(config, *, resume: bool | str = False, overwrite: bool = False) -> bool:
-  """Fails before any data loads: devices, and a workdir that can't take the run. Returns whether to resume."""
+def check_workdir(config, *, resume: bool | str = False, overwrite: bool = False,
+                  folder_flag: str | None = '--workdir') -> bool:
+  """Fails before any data loads: devices, and a workdir that can't take the run. Returns whether to resume
+  (`folder_flag`: how messages name the workdir; None: by its path, for runs a study places)."""
   workdir = Path(config.workdir) if config.workdir else None
   num_devices = parallel.resolve_num_devices(config.num_devices)
   if num_devices > 1:
@@ -58,8 +60,7 @@ def check_workdir(config, *, resume: bool | str = False, overwrite: bool = False
     return False
   if resume == 'auto':
     resume = (workdir / rundir.CHECKPOINTS).is_dir() and any((workdir / rundir.CHECKPOINTS).iterdir())
-  rundir.check_folder(workdir, config, resume=bool(resume), overwrite=overwrite)
-  return bool(resume)
+  return rundir.check_folder(workdir, config, resume=bool(resume), overwrite=overwrite, flag=folder_flag)
 
 
 def read_history(config) -> list[dict]:
@@ -76,6 +77,7 @@ def run(
     interrupt_after_epoch: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    folder_flag: str | None = '--workdir',
 ) -> dict[str, Any]:
   """Trains one model as `config` says and returns its summary (also written to the workdir).
 
@@ -90,10 +92,11 @@ def run(
       after that epoch's checkpoint (tests use it to check resuming).
     progress: show a tqdm progress bar per epoch.
     log: where the one-line messages go.
+    folder_flag: how messages name the workdir (None: by its path).
   """
   start = time.perf_counter()
   workdir = Path(config.workdir) if config.workdir else None
-  resume = check_workdir(config, resume=resume, overwrite=overwrite)
+  resume = check_workdir(config, resume=resume, overwrite=overwrite, folder_flag=folder_flag)
   writer = parallel.is_main_process()
   folder = rundir.RunFolder(workdir, config, writer=writer and workdir is not None)
   if dataset is None:
@@ -103,6 +106,8 @@ def run(
   checkpoints = rundir.Checkpoints(workdir / rundir.CHECKPOINTS) if workdir and config.checkpoint_every else None
   start_epoch, histories = checkpoints.resume(program, log) if resume and checkpoints else (0, None)
   history = histories[0] if histories else []
+  if history:
+    rundir.check_resumed_length(workdir, history[-1]['step'], program.plan, folder_flag)
   folder.write_config(dict(environment(), num_devices=parallel.resolve_num_devices(config.num_devices)))
   folder.start_metrics(history)
   try:

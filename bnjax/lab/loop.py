@@ -106,6 +106,10 @@ def train(
     if plan.steps_per_epoch % chunk and plan.total_steps > plan.steps_per_epoch:
       raise ValueError(f'every_steps={chunk} does not divide the {plan.steps_per_epoch} steps of an epoch.')
   compile_seconds = _warm_up(program, chunk)
+  for config in program.runs[:1]:
+    if config.precise_bn and precise_examples(plan, config) < config.precise_bn:
+      log(f'--precise_bn={config.precise_bn} is capped at the {precise_examples(plan, config):,} examples of an '
+          'epoch (recorded as precise_bn_examples in the summary)')
   state = program.state
   if every_steps is not None and start_epoch == 0:
     every_steps[1](0, state)
@@ -186,6 +190,11 @@ def train(
   return Result(state, histories, diverged, compile_seconds, precise_state)
 
 
+def precise_examples(plan, config) -> int:
+  """The training examples precise BN estimates its statistics from: `--precise_bn`, at most an epoch's."""
+  return plan.precise_steps(config) * config.batch_size
+
+
 def _lane_name(program, lane: int) -> str:
   if program.num_lanes == 1:
     return ''
@@ -229,6 +238,8 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
       )
       if 'precise' in tests:
         summary['test_accuracy_precise_stats'] = float(tests['precise'].accuracy()[lane])
+    if config.precise_bn:
+      summary['precise_bn_examples'] = precise_examples(program.plan, config)
       summary.update(diagnostics.shift_summary(jax.tree.map(lambda v: v[lane], variance)))
     if history:
       best = max(history, key=lambda m: m['val_accuracy'])

@@ -55,6 +55,8 @@ class Option:
       this holds (rmax with renorm's warm-up schedule becomes structure).
     model_value: a VALUE the model takes at call time (`apply(hparams=...)`).
     needs: what `when` asks for, in flags (for error messages).
+    spelling: `value -> value`, the one spelling of values that mean the same
+      (`.30` and `0.3` are one validation fraction, so one run).
   """
 
   name: str
@@ -73,6 +75,7 @@ class Option:
   vmap_when: Callable[[Any], bool] | None = None
   model_value: bool = False
   needs: str = ''
+  spelling: Callable[[Any], Any] | None = None
 
   def allowed(self) -> tuple | None:
     return self.choices() if callable(self.choices) else self.choices
@@ -212,6 +215,8 @@ def _in(low, high, *, low_open=False, high_open=False):
 
 
 _positive = lambda value: value >= 1
+_SEED_LIMIT = 2**32 - 1  # JAX's PRNG keys take 32-bit seeds
+_seed_range = lambda value: 0 <= value <= _SEED_LIMIT
 _non_negative = lambda value: value >= 0
 _positive_real = lambda value: math.isfinite(value) and value > 0
 _finite_non_negative = lambda value: math.isfinite(value) and value >= 0
@@ -221,6 +226,14 @@ _warmup_clipping = lambda c: c.renorm_clipping == 'warmup'
 _constant_clipping = lambda c: c.renorm_clipping == 'constant'
 _with_dropout = lambda c: c.dropout_placement != 'none'
 _MOMENTUM_EXPECTED = 'a number in [0, 1] (BN momentum is the weight of the old average)'
+
+
+def _validation_spelling(value):
+  """'test', or the fraction as Python writes the float ('.30' -> '0.3'); other text is left for validation."""
+  try:
+    return value if value == 'test' else repr(float(value))
+  except (TypeError, ValueError):
+    return value
 
 
 def _o(*args, **kwargs) -> Option:
@@ -237,8 +250,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     _o('scaling', str, 'unit', 'unit: pixels / 255; standardize: per-channel mean/std of the training split.', 'data',
        choices=('unit', 'standardize')),
     _o('validation', str, 'test', "'test': the test set is the validation set; a fraction (e.g. 0.3) holds out that "
-       'part of train.', 'data'),
-    _o('validation_seed', int, 777, 'Seed of the held-out split (the source: 777).', 'data',
+       'part of train.', 'data', spelling=_validation_spelling),
+    _o('validation_seed', int, 777, 'Seed of the held-out split (the source: 777).', 'data', check=_seed_range,
+       expected=f'an integer in [0, {_SEED_LIMIT}]',
        when=lambda c: c.validation != 'test', needs='--validation=<fraction>'),
     _o('augment', bool, False, 'CIFAR-10 augmentation on device: random crop with 4-pixel padding, horizontal flip.',
        'data'),
@@ -341,7 +355,8 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
        expected='a positive integer (or unset to use --epochs)'),
     _o('eval_batch_size', int, 1000, "Evaluation batch size (with --eval_stats=batch it sets the statistics' batch).",
        'training', check=_positive, expected='a positive integer'),
-    _o('seed', int, 0, 'Random seed: initialization, shuffling, dropout.', 'training', role=VALUE),
+    _o('seed', int, 0, 'Random seed: initialization, shuffling, dropout.', 'training', role=VALUE,
+       check=_seed_range, expected=f'an integer in [0, {_SEED_LIMIT}]'),
     # Outputs and how the loop runs (no effect on the numbers).
     _o('workdir', str, None, 'Output folder (default: runs/<name>-<time>).', 'output', role=SETTING, optional=True),
     _o('checkpoint_every', int, 1, 'Checkpoint every this many epochs (0: never).', 'output', role=SETTING,

@@ -22,7 +22,8 @@ import numpy as np
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import report as report_lib
-from bnjax.lab.repro import _MNIST, CIFAR, _plt, _save, _sweep, _with, cell, ghost_bn, ghost_renorm, in_steps
+from bnjax.lab.repro import (_MNIST, CIFAR, _plt, _save, _sweep, _with, cell, check_ghost_sizes, ghost_bn, ghost_renorm,
+                             in_steps)
 from bnjax.lab.report import markdown_table
 
 
@@ -160,6 +161,7 @@ def _kind(config: Mapping) -> str:
 
 def study_small_batch_norms(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   batch = settings['batch_size']
+  check_ghost_sizes(settings['ghost_sizes'], batch)
   part_of = lambda part_settings, epochs: (in_steps(config_lib.unchecked(part_settings), epochs), epochs)
   parts = {'MNIST MLP': part_of(dict(_MNIST, batch_size=batch, data_dir=data_dir), settings['mlp_epochs'])}
   if settings['cnn_epochs']:

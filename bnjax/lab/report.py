@@ -39,10 +39,22 @@ def _parse(text: str) -> Any:
   return {'True': True, 'False': False}.get(text, text)
 
 
+# The columns the report reads in every row (a results.csv that a sweep wrote has them all).
+REQUIRED_COLUMNS = ('run_id', 'status', 'norm', 'batch_size', 'momentum', 'test_accuracy_moving_stats')
+
+
 def read_results(path: str | Path) -> list[dict[str, Any]]:
-  """Rows of results.csv with numbers parsed, empty cells as None, the curve as a list."""
+  """Rows of results.csv with numbers parsed, empty cells as None, the curve as a list.
+
+  Raises ValueError (one line) for a file that is not a sweep's results.csv.
+  """
   with open(path, newline='') as f:
-    rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    reader = csv.DictReader(f)
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+      raise ValueError(f'{path} is not a sweep\'s results.csv (it lacks the columns {", ".join(missing)}): pass the '
+                       'results.csv in a --sweep_dir that experiments/sweep.py wrote.')
+    rows = [{k: _parse(v) for k, v in row.items()} for row in reader]
   for row in rows:
     curve = row.get('val_accuracy_curve')
     row['val_accuracy_curve'] = json.loads(curve) if isinstance(curve, str) else []

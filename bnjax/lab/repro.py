@@ -158,7 +158,7 @@ def study_seed003(out: Path, settings: Mapping, data_dir: str | None, log) -> di
 
   config = config_lib.validate(TrainConfig(**{**_CIFAR, 'epochs': settings['epochs'], 'seed': settings['seed'],
                                               'data_dir': data_dir, 'workdir': str(out / 'run')}))
-  summary = experiment.run(config, resume='auto', progress=False, log=log)
+  summary = experiment.run(config, resume='auto', progress=False, log=log, folder_flag=None)
   history = [json.loads(line) for line in (out / 'run' / 'metrics.jsonl').read_text().splitlines()][: config.epochs]
   ours = {m['epoch']: m['val_accuracy'] for m in history}
   epochs = sorted(set(SEED003_SOURCE_LOG) | {1, 2, 3, 4, 8} | {max(ours)})
@@ -472,8 +472,18 @@ def ghost_renorm(base: TrainConfig, ghost: int, **fields) -> TrainConfig:
   return renorm_warmup_scaled(dataclasses.replace(base, norm='renorm', virtual_batch_size=ghost, **fields))
 
 
+def check_ghost_sizes(ghost_sizes: Sequence[int], batch_size: int) -> None:
+  """A study's `--ghost_sizes` must each be a divisor of its `--batch_size` of at least 2: one line naming them."""
+  bad = [g for g in ghost_sizes if g < 2 or batch_size % g]
+  if bad:
+    raise ValueError(f'--ghost_sizes={",".join(map(str, ghost_sizes))} is invalid: {", ".join(map(str, bad))} '
+                     f'{"is" if len(bad) == 1 else "are"} not a divisor of --batch_size={batch_size} of at least 2 '
+                     '(each ghost batch takes that many examples of a batch).')
+
+
 def study_renorm(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   batch = settings['batch_size']
+  check_ghost_sizes(settings['ghost_sizes'], batch)
   base = in_steps(TrainConfig(**_MNIST, batch_size=batch, data_dir=data_dir), settings['epochs'])
   configs = []
   for seed in settings['seeds']:

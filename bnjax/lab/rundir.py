@@ -16,8 +16,10 @@ The rules (a result can never be mixed with another run's):
   deletes that run's files first) or `resume`;
 - `resume` continues only the same run: every setting that changes results
   must be equal, except `epochs`/`steps` extended when nothing depends on the
-  run's length (a constant learning rate); otherwise the differing flags are
-  named. `resume` with no checkpoint says so.
+  run's length (a constant learning rate) and the checkpoint ends at a whole
+  epoch; otherwise the differing settings are named. A shorter length is
+  refused. `resume` with no checkpoint says so;
+- a folder its own run left before the first checkpoint is started again.
 """
 
 from __future__ import annotations
@@ -79,10 +81,35 @@ def _clear(folder: Path) -> None:
     path.unlink()
 
 
-def check_folder(folder: Path, config, *, resume: bool, overwrite: bool, flag: str = '--workdir') -> None:
-  """Raises `RunDirError` (one line) unless `folder` may take this run as asked; clears it for `overwrite`."""
+def _length(config) -> str:
+  return f'--steps={config.steps}' if config.steps is not None else f'--epochs={config.epochs}'
+
+
+def shorter_than_stored(stored, config) -> bool:
+  """Whether `config` asks for fewer epochs (or steps) than the stored run (known before the data loads when both
+  count the same unit; in steps against the checkpoint, see `check_resumed_length`, once it has)."""
+  if stored.steps is None and config.steps is None:
+    return config.epochs < stored.epochs
+  if stored.steps is not None and config.steps is not None:
+    return config.steps < stored.steps
+  return False
+
+
+def _where(folder: Path, flag: str | None) -> str:
+  return f'{flag}={folder}' if flag else str(folder)
+
+
+def check_folder(folder: Path, config, *, resume: bool, overwrite: bool, flag: str | None = '--workdir') -> bool:
+  """Raises `RunDirError` (one line) unless `folder` may take this run as asked; clears it for `overwrite`.
+
+  Returns whether the run continues from the folder's checkpoint. A folder left by this same run before its
+  first checkpoint (killed early: config.json, no checkpoint, no summary) is cleared and the run starts again,
+  with or without `resume`. `flag` names the folder in messages (None: its path alone).
+  """
+  where = _where(folder, flag)
+  asked = '--resume: ' if flag else ''  # (a study resumes its runs without being asked)
   if folder.exists() and not folder.is_dir():
-    raise RunDirError(f'{flag}={folder} is a file, not a folder: choose a folder.')
+    raise RunDirError(f'{where} is a file, not a folder: choose a folder.')
   if resume and overwrite:
     raise RunDirError('--resume and --overwrite exclude each other: continue the run, or replace it.')
   stored = _stored_config(folder) if folder.is_dir() else None
@@ -90,21 +117,48 @@ def check_folder(folder: Path, config, *, resume: bool, overwrite: bool, flag: s
   if overwrite:
     if folder.is_dir():
       _clear(folder)
-    return
+    return False
+  if has_checkpoint and stored is None:
+    raise RunDirError(f'{where} has checkpoints but no {CONFIG_FILE} (deleted?), so the settings of its run are '
+                      'unknown: pass --overwrite to start a new run there, or choose another folder.')
+  conflicts = resume_conflicts(stored, config) if stored is not None else []
+  if stored is not None and not has_checkpoint and not (folder / SUMMARY_FILE).is_file():
+    if not conflicts and not shorter_than_stored(stored, config):
+      _clear(folder)  # this run, stopped before its first checkpoint: start it again
+      return False
   if resume:
     if stored is None or not has_checkpoint:
-      raise RunDirError(f'--resume: {flag}={folder} has no checkpoint to continue; run without --resume to start '
-                        'this run there.')
-    conflicts = resume_conflicts(stored, config)
+      raise RunDirError(f'--resume: {where} has no checkpoint to continue; run without --resume to start this run '
+                        'there.')
     if conflicts:
-      flags = ', '.join(f'--{n}={getattr(stored, n)!r} (now {getattr(config, n)!r})' for n in conflicts)
-      raise RunDirError(f'--resume: {flag}={folder} holds a run with {flags}; resume it with its settings, or '
-                        'pass --overwrite to replace it.')
-    return
+      settings = ', '.join(f'{n}={getattr(stored, n)!r} (this command: {getattr(config, n)!r})' for n in conflicts)
+      raise RunDirError(f'{asked}{where} holds a run with {settings} in its {CONFIG_FILE}; resume it with its '
+                        'settings, or pass --overwrite to replace it.')
+    if shorter_than_stored(stored, config):
+      raise RunDirError(f'{asked}{where} holds a run of {_length(stored)}; this command asks {_length(config)}, '
+                        'shorter: pass --overwrite to train the shorter run afresh, or choose another folder.')
+    return True
   if stored is not None or has_checkpoint:
-    what = f'run {config_lib.run_id(stored)}' if stored is not None else 'checkpoints of another run'
-    raise RunDirError(f'{flag}={folder} already holds {what}: pass --resume to continue it, --overwrite to replace '
-                      'it, or choose another folder.')
+    raise RunDirError(f'{where} already holds run {config_lib.run_id(stored)}: pass --resume to continue it, '
+                      '--overwrite to replace it, or choose another folder.')
+  return False
+
+
+def check_resumed_length(folder: Path, done_steps: int, plan, flag: str | None = '--workdir') -> None:
+  """After restoring a checkpoint of `done_steps` steps: the run may only go on to equal the uninterrupted run.
+
+  Refused (one line): a run shorter than the checkpoint, and a longer one from a checkpoint that ends inside an
+  epoch (the rest of that epoch's shuffled batches would be skipped, so it would not equal an uninterrupted run).
+  """
+  where = _where(folder, flag)
+  asked = '--resume: ' if flag else ''
+  if plan.total_steps < done_steps:
+    raise RunDirError(f'{asked}{where} holds a checkpoint after {done_steps} steps; this command asks '
+                      f'{plan.total_steps}: pass --overwrite to train the shorter run afresh.')
+  if plan.total_steps > done_steps and done_steps % plan.steps_per_epoch:
+    raise RunDirError(f'{asked}the run in {where} ended inside an epoch (step {done_steps}; epochs are '
+                      f'{plan.steps_per_epoch} steps), so a longer run continued from it would not equal an '
+                      'uninterrupted one: pass --overwrite to train the longer run, or give lengths in whole epochs.')
 
 
 class RunFolder:

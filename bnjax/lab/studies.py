@@ -105,7 +105,8 @@ def run_variants(out: Path, settings: Mapping, data_dir: str | None, log, *, var
     config = config_lib.make({**base, **fields, 'workdir': str(out / variant)})
     if len(variants) > 1:
       log(f'--- {variant}: norm={config.norm}')
-    summary = experiment.run(config, resume='auto', progress=settings.get('progress_updates', 10) > 0, log=log)
+    summary = experiment.run(config, resume='auto', progress=settings.get('progress_updates', 10) > 0, log=log,
+                             folder_flag=None)
     summaries[variant] = summary
     histories[variant] = [json.loads(line) for line in (out / variant / 'metrics.jsonl').read_text().splitlines()]
     figure = lambda key: '-' if summary.get(key) is None else f'{summary[key]:.4f}'
@@ -284,14 +285,27 @@ def settings_for(name: str, budget: str, overrides: Mapping[str, Any] | None = N
 
 
 def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides: Mapping[str, Any] | None = None,
-              data_dir: str | None = None, command: str = '', log: Callable[[str], None] = print) -> dict:
-  """Runs study `name` into `out_dir/<name>/`; returns (and writes) its results.json."""
-  from bnjax.lab import storage
+              data_dir: str | None = None, command: str = '', log: Callable[[str], None] = print,
+              resume: bool = False, overwrite: bool = False) -> dict:
+  """Runs study `name` into `out_dir/<name>/`; returns (and writes) its results.json.
+
+  Its runs already in the folder are reused when their settings are the study's now (finished ones as they
+  are, stopped ones from their checkpoints); a run there with other settings is refused in one line.
+  `overwrite`: delete the study's folder first (every run trains again); `resume`: the folder must hold
+  the study's runs.
+  """
+  from bnjax.lab import rundir, storage
   from bnjax.lab.experiment import environment
 
   study = get(name)
   settings = settings_for(name, budget, overrides)
   out = Path(out_dir) / study.name
+  if resume and overwrite:
+    raise ValueError('--resume and --overwrite exclude each other: continue the study\'s runs, or replace them.')
+  if resume and not (out.is_dir() and any(out.iterdir())):
+    raise ValueError(f'--resume: {out} holds no run of study {study.name}; run without --resume to start it.')
+  if overwrite:
+    rundir.remove_tree(out)
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   produced = study.run(out, settings, data_dir, log)

@@ -236,9 +236,13 @@ def result_row(record: dict) -> dict[str, Any]:
 
 
 def write_results(sweep_dir: str | Path, order: Sequence[str] | None = None) -> Path:
-  """Regenerates `results.csv` from `runs/*.json` (atomically), rows in `order` of run ids where given."""
+  """Regenerates `results.csv` from `runs/*.json` (atomically): the runs `order` names (the current command's),
+  in its order; every run recorded there when `order` is None.
+
+  Runs of an earlier command with other settings stay in `runs/` but are not in results.csv (nor the report).
+  """
   records = finished_runs(sweep_dir)
-  ids = [i for i in (order or []) if i in records] + sorted(set(records) - set(order or []))
+  ids = [i for i in order if i in records] if order is not None else sorted(records)
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction='ignore')
   writer.writeheader()
@@ -322,6 +326,10 @@ def run_sweep(
   log(f'{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to train in {len(groups)} group(s)'
       + (f' (worker {worker_index + 1} of {num_workers})' if num_workers > 1 else '')
       + (f' on the {jax.device_count()} devices of {jax.process_count()} processes' if jax.process_count() > 1 else ''))
+  others = len(set(done) - set(ids))
+  if others:
+    log(f'{others} other run(s) recorded in {sweep_dir / "runs"} (another command\'s settings) are left out of '
+        'results.csv and the report')
   datasets: dict[tuple, Any] = {}
   cache: dict = {}
   owner = f'{socket.gethostname()}:{os.getpid()}:worker{worker_index}'
