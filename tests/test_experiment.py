@@ -35,6 +35,11 @@ def test_a_run_writes_every_output(data_dir, tmp_path):
   assert written['best_val_accuracy'] >= written['final_val_accuracy']
   assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
+  assert summary['test_accuracy_batch_stats'] is not None and summary['variance_shift'] is not None
+  # The optional end-of-run evaluations off: the same run, without those fields.
+  lean = experiment.run(_config(data_dir, tmp_path / 'lean', test_batch_stats=False, variance_probes=False), **QUIET)
+  assert lean['test_accuracy'] == summary['test_accuracy'] and lean['test_loss'] == summary['test_loss']
+  assert lean['test_accuracy_batch_stats'] is None and lean['stats_gap'] is None and 'variance_shift' not in lean
 
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(data_dir, tmp_path):

@@ -208,12 +208,16 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
   batch statistics, their gap, the variance shift, the history, times."""
   moving_statistics = program.has_moving_statistics
   live = [d is None for d in result.diverged_epoch]
+  settings = program.configs[0]  # (lanes share their settings)
   tests = variance = None
   if any(live):
-    tests = {stats: program.evaluate(result.state, 'test', stats) for stats in ('moving', 'batch')}
+    # Without moving statistics a test with batch statistics is the same pass again: it runs only with them.
+    batch_asked = settings.test_batch_stats or any(c.eval_stats == 'batch' for c in program.runs)
+    kinds = ('moving', 'batch') if moving_statistics and batch_asked else ('moving',)
+    tests = {stats: program.evaluate(result.state, 'test', stats) for stats in kinds}
     if result.precise_state is not None:
       tests['precise'] = program.evaluate(result.precise_state, 'test', 'moving')
-    variance = program.variance_shift(result.state)
+    variance = program.variance_shift(result.state) if settings.variance_probes else None
   summaries = []
   for lane, config in enumerate(program.runs):
     history = result.histories[lane]
@@ -227,20 +231,21 @@ def summarize(program, result: Result) -> list[dict[str, Any]]:
                      message=f'diverged in epoch {result.diverged_epoch[lane]}: training loss is not finite')
     else:
       moving = float(tests['moving'].accuracy()[lane])
-      batch = float(tests['batch'].accuracy()[lane])
+      batch = float(tests['batch'].accuracy()[lane]) if 'batch' in tests else None
       chosen = tests['precise' if 'precise' in tests else 'batch' if config.eval_stats == 'batch' else 'moving']
       summary.update(
           status=STATUS_COMPLETED,
           test_accuracy=float(chosen.accuracy()[lane]), test_loss=float(chosen.mean_loss()[lane]),
           test_accuracy_moving_stats=moving,
-          test_accuracy_batch_stats=batch if moving_statistics else None,
-          stats_gap=batch - moving if moving_statistics else None,
+          test_accuracy_batch_stats=batch,
+          stats_gap=batch - moving if batch is not None else None,
       )
       if 'precise' in tests:
         summary['test_accuracy_precise_stats'] = float(tests['precise'].accuracy()[lane])
+      if variance is not None:
+        summary.update(diagnostics.shift_summary(jax.tree.map(lambda v: v[lane], variance)))
     if config.precise_bn:
       summary['precise_bn_examples'] = precise_examples(program.plan, config)
-      summary.update(diagnostics.shift_summary(jax.tree.map(lambda v: v[lane], variance)))
     if history:
       best = max(history, key=lambda m: m['val_accuracy'])
       summary.update(

@@ -361,6 +361,12 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     _o('workdir', str, None, 'Output folder (default: runs/<name>-<time>).', 'output', role=SETTING, optional=True),
     _o('checkpoint_every', int, 1, 'Checkpoint every this many epochs (0: never).', 'output', role=SETTING,
        check=_non_negative, expected='an integer >= 0'),
+    _o('test_batch_stats', bool, True, 'At the end of a run, also test with batch statistics '
+       '(test_accuracy_batch_stats, stats_gap; only norms with moving statistics have them); false saves that pass '
+       'over the test set.', 'output', role=SETTING),
+    _o('variance_probes', bool, True, "At the end of a run, measure each norm layer's input variance in training "
+       "vs inference mode (dropout's variance shift) and moving vs inference variance; false skips the probes.",
+       'output', role=SETTING),
     _o('progress_updates', int, 10, 'Progress-bar refreshes (and divergence checks) per epoch.', 'output',
        role=SETTING, check=_non_negative, expected='an integer >= 0'),
     _o('step_loop', str, 'auto', 'scan: each epoch is a few jitted lax.scans of steps; python: one jitted step per '
