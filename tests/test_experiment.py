@@ -36,6 +36,7 @@ def test_a_run_writes_every_output(data_dir, tmp_path):
   assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
   assert summary['test_accuracy_batch_stats'] is not None and summary['variance_shift'] is not None
+  assert 0 < summary['final_eval_seconds'] < summary['total_seconds']
   # The optional end-of-run evaluations off: the same run, without those fields.
   lean = experiment.run(_config(data_dir, tmp_path / 'lean', test_batch_stats=False, variance_probes=False), **QUIET)
   assert lean['test_accuracy'] == summary['test_accuracy'] and lean['test_loss'] == summary['test_loss']

@@ -121,7 +121,9 @@ def run(
     folder.close()
     if checkpoints is not None:
       checkpoints.close()
+  evaluation_start = time.perf_counter()
   (summary,) = loop.summarize(program, result)
+  summary['final_eval_seconds'] = time.perf_counter() - evaluation_start  # the end-of-run tests and probes
   if summary['status'] == STATUS_DIVERGED:
     summary['message'] += ' (try a smaller --learning_rate)'
   summary['total_seconds'] = time.perf_counter() - start
