@@ -52,9 +52,14 @@ def _handle(signum, frame) -> None:
 
 
 def install() -> None:
-  """Makes SIGINT and SIGTERM raise `Stopped` in the main thread (call from the main thread)."""
+  """Makes SIGINT and SIGTERM raise `Stopped` in the main thread (call from the main thread).
+
+  A signal the process was started ignoring stays ignored (as Python does for SIGINT): `nohup`, or a
+  shell's background job, which Ctrl-C in that shell must not stop.
+  """
   for signum in HANDLED:
-    signal.signal(signum, _handle)
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      signal.signal(signum, _handle)
 
 
 @contextlib.contextmanager
