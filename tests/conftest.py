@@ -67,3 +67,23 @@ def run_script(script, *flags, timeout=600, env=None):
   environment = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
   return subprocess.run([sys.executable, str(REPO / 'experiments' / script), *map(str, flags)], capture_output=True,
                         text=True, timeout=timeout, cwd=REPO, env=environment)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs (needs root; skipped without), and a function filling it up to `left` free bytes."""
+  import subprocess
+
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mount)], capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (not root)')
+
+  def fill(left=64 << 10):
+    import shutil
+
+    with open(mount / 'filler', 'wb') as f:
+      f.write(b'\0' * max(0, shutil.disk_usage(mount).free - left))
+
+  yield mount, fill
+  subprocess.run(['umount', str(mount)], capture_output=True)

@@ -99,6 +99,11 @@ FLAG_CASES = [
     ('sweep.py', ['--epochs=1.5'], 2, "--epochs='1.5'"),
     ('sweep.py', ['--batch_size=abc'], 2, "--batch_size='abc'"),
     ('sweep.py', ['--max_group_size=-1'], 2, '--max_group_size=-1'),
+    ('sweep.py', ['--claim_timeout=inf'], 2, '--claim_timeout=inf is invalid'),
+    ('sweep.py', ['--claim_timeout=nan'], 2, '--claim_timeout=nan is invalid'),
+    # A coordinator that doesn't answer: one line after --coordinator_timeout seconds, not a hang (JAX waits 300 s).
+    ('train.py', ['--coordinator_address=127.0.0.1:1', '--num_processes=2', '--process_id=1',
+                  '--coordinator_timeout=2'], 1, '--coordinator_address=127.0.0.1:1: no coordinator answered within 2 s'),
     ('study.py', ['--study=repro_renorm', '--epoch=3'], 2, 'epoch'),
     ('study.py', ['--study=fig2'], 2, "--study='fig2'"),
     ('study.py', ['--study=repro_renorm', '--momentum=0.9'], 2, '--momentum'),

@@ -186,26 +186,6 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_is_used(damage, dat
     experiment.run(_config(data_dir, folder, epochs=3), resume=True, progress=False, log=lambda m: None)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 32 MiB tmpfs (needs root; skipped without), and a function filling it up to `left` free bytes."""
-  import subprocess
-
-  mount = tmp_path / 'disk'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=32m', 'tmpfs', str(mount)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (not root)')
-
-  def fill(left=64 << 10):
-    import shutil
-
-    with open(mount / 'filler', 'wb') as f:
-      f.write(b'\0' * max(0, shutil.disk_usage(mount).free - left))
-
-  yield mount, fill
-  subprocess.run(['umount', str(mount)], capture_output=True)
-
-
 def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(data_dir, trained, small_disk, monkeypatch):
   """The disk fills before epoch 2's checkpoint; the free-space check is bypassed so that the writes themselves
   fail (as when another process fills the disk meanwhile). Epoch 1's checkpoint survives, and the run resumed

@@ -72,10 +72,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   otherwise `host:port` of process 0's coordinator, the number of processes
   and this process's id (flags, else $JAX_NUM_PROCESSES / $JAX_PROCESS_ID).
 
+  `timeout` bounds the wait for the other processes: a process other than
+  0 first waits for the coordinator's port (ConnectionError, one line, when
+  it doesn't answer in time); then JAX's own deadline applies (XLA ends the
+  process with its own error when it passes).
+
   Raises:
     ConnectionError (one line, naming --coordinator_address) when the
-    processes have not all met at the coordinator within `timeout` seconds;
-    ValueError for a `timeout` that is not a positive finite number.
+    coordinator doesn't answer within `timeout` seconds; ValueError for a
+    `timeout` that is not a positive finite number.
   """
   import math
 
@@ -97,15 +102,35 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         'a Cloud TPU pod slice or under SLURM / Open MPI.'
     )
   address = None if coordinator_address == 'auto' else coordinator_address
-  try:
-    jax.distributed.initialize(address, num_processes, process_id, initialization_timeout=seconds)
-  except (RuntimeError, jax.errors.JaxRuntimeError) as error:  # the coordinator's deadline: an XLA runtime error
-    first = (str(error).strip().splitlines() or [''])[0][:200]
-    raise ConnectionError(
-        f'--coordinator_address={coordinator_address}: the {num_processes} processes did not all reach the '
-        f'coordinator within {seconds} s ({first}): start every process (process 0 serves the address), check the '
-        'address and port, or wait longer with --coordinator_timeout.') from None
+  if address is not None and process_id != 0:
+    # XLA's client aborts the process (a C++ fatal error, pages of stack) when its deadline passes: wait for the
+    # coordinator's port here first, where giving up can be one line.
+    _wait_for_coordinator(address, timeout)
+  jax.distributed.initialize(address, num_processes, process_id, initialization_timeout=seconds)
   return True
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once `host:port` accepts a TCP connection; ConnectionError (one line) after `timeout` seconds."""
+  import socket
+  import time
+
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  if not host or not port.isdigit():
+    raise ValueError(f'--coordinator_address={address!r} is invalid: expected host:port of process 0 (or auto).')
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+        return
+    except OSError as error:
+      if time.monotonic() >= deadline:
+        raise ConnectionError(
+            f'--coordinator_address={address}: no coordinator answered within {timeout:g} s ({error}): start '
+            'process 0 (it serves that address), check the host and port, or wait longer with '
+            '--coordinator_timeout.') from None
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def is_main_process() -> bool:
