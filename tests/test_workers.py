@@ -178,3 +178,23 @@ def test_a_worker_stopped_past_its_claim_timeout_writes_nothing_once_woken(data_
   events = EventAccumulator(str(theirs))
   events.Reload()
   assert max(e.step for e in events.Scalars('val_accuracy')) <= resumed_at + 1  # nothing after the stop
+
+
+def test_a_group_finished_between_a_workers_look_and_its_claim_is_not_trained_again(data_dir, tmp_path, monkeypatch):
+  configs = _configs(data_dir)[:1]
+  sweep.run_sweep(configs, tmp_path / 'other', report=False, log=lambda m: None)  # the other worker's records
+  claim = storage.claim
+
+  def claim_after_the_other_worker_finished(path, **kwargs):
+    for record in (tmp_path / 'other' / 'runs').glob('*.json'):  # it wrote them while we were looking
+      (tmp_path / 'ours' / 'runs' / record.name).write_bytes(record.read_bytes())
+    return claim(path, **kwargs)
+
+  monkeypatch.setattr(storage, 'claim', claim_after_the_other_worker_finished)
+  log = []
+  (record,) = sweep.run_sweep(configs, tmp_path / 'ours', report=False, log=log.append)
+  assert 'group 1: finished by another worker meanwhile; skipped' in log
+  assert record == json.loads(next((tmp_path / 'other' / 'runs').glob('*.json')).read_text())
+  assert not (tmp_path / 'ours' / 'runs' / sweep.run_id(configs[0])).exists()  # no metrics, no config written
+  (folder,) = (tmp_path / 'ours' / 'claims').iterdir()
+  assert [storage.read_json(p).get('released', False) for p in sorted(folder.iterdir())] == [False, True]
