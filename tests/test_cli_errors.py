@@ -2,12 +2,11 @@
 
 import gzip
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import mounted_tmpfs, run_script
 from fixtures import write_idx
 
 
@@ -127,12 +126,7 @@ def test_workdir_that_is_a_file(data_dir, tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
   """A 1 MiB tmpfs: room for a run's config and metrics, not for its checkpoint (needs root; skipped without)."""
-  mount = tmp_path / 'tiny'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (not root)')
-  yield mount
-  subprocess.run(['umount', str(mount)], capture_output=True)
+  yield from mounted_tmpfs(tmp_path / 'tiny', '1m')
 
 
 def test_full_disk(data_dir, tiny_disk):

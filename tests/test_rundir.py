@@ -1,12 +1,17 @@
 """bnjax.lab.rundir: a folder holds one run; resume continues only that run; outputs per epoch."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from bnjax.lab import config as C
 from bnjax.lab import experiment, rundir
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 def _config(data_dir, workdir, **settings):
@@ -81,13 +86,6 @@ def test_cli_new_run_into_a_used_workdir_then_resume_uses_the_right_run(data_dir
 
 
 def test_one_process_per_folder_and_the_second_is_told_who_holds_it(tmp_path):
-  import os
-  import socket
-  import subprocess
-  import sys
-
-  from conftest import REPO
-
   folder = tmp_path / 'run'
   take = [sys.executable, '-c', f'from bnjax.lab import rundir; rundir.lock_folder({str(folder)!r}); print("locked")']
   other = lambda: subprocess.run(take, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -105,12 +103,6 @@ def test_one_process_per_folder_and_the_second_is_told_who_holds_it(tmp_path):
 def test_cli_two_processes_racing_on_one_workdir(data_dir, tmp_path):
   """Two new runs started at once into one new workdir, then two --resume of it at once: one of each pair
   trains, the other is refused in one line naming the holder before writing anything."""
-  import json as json_lib
-  import subprocess
-  import sys
-
-  from conftest import REPO
-
   common = [f'--data_dir={data_dir}', '--data_source=files', '--batch_size=100', '--progress=false',
             f'--workdir={tmp_path}']
 
@@ -127,13 +119,11 @@ def test_cli_two_processes_racing_on_one_workdir(data_dir, tmp_path):
     assert len(loser) == 1 and loser[0].startswith(f'error: --workdir={tmp_path} is in use by '), loser
     return winner
 
-  import os
-
   winner = race(['--epochs=2', '--seed=0'], ['--epochs=2', '--seed=1'])
-  assert json_lib.loads((tmp_path / 'config.json').read_text())['config']['seed'] == winner
-  assert [json_lib.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
-  race([f'--epochs=3', f'--seed={winner}', '--resume'], [f'--epochs=3', f'--seed={winner}', '--resume'])
-  assert [json_lib.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+  assert json.loads((tmp_path / 'config.json').read_text())['config']['seed'] == winner
+  assert [json.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+  race(['--epochs=3', f'--seed={winner}', '--resume'], ['--epochs=3', f'--seed={winner}', '--resume'])
+  assert [json.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.fixture(scope='module')
@@ -145,8 +135,6 @@ def trained(data_dir, tmp_path_factory):
 
 
 def _copy(trained, tmp_path):
-  import shutil
-
   folder = tmp_path / 'run'
   shutil.copytree(trained, folder)
   return folder
@@ -190,8 +178,6 @@ def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(data_dir, traine
   """The disk fills before epoch 2's checkpoint; the free-space check is bypassed so that the writes themselves
   fail (as when another process fills the disk meanwhile). Epoch 1's checkpoint survives, and the run resumed
   there, once room is made, ends with the numbers of the uninterrupted run."""
-  import shutil
-
   disk, fill = small_disk
   folder = disk / 'run'
   save = rundir.Checkpoints.save

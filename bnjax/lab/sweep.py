@@ -20,7 +20,8 @@ Safety: each finished run is one JSON file `runs/<run_id>.json`, written
 atomically, beside its folder `runs/<run_id>/` (metrics.jsonl, TensorBoard
 events: `tensorboard --logdir <sweep_dir>` compares the lanes); a group
 checkpoints after every epoch (`groups/<id>/`), so a kill loses at most an
-epoch, and keeps them when it fails (a full disk): its re-run resumes there; `results.csv` is regenerated from those files. Re-running a sweep
+epoch, and keeps them when it fails (a full disk): its re-run resumes there;
+`results.csv` is regenerated from those files. Re-running a sweep
 skips run ids already there (except runs recorded as errors: they run again); a kill loses only the group in flight; a lane
 whose loss becomes non-finite is recorded as diverged (NaNs stay in their
 lane); a group that raises records each of its runs with the error.
@@ -194,8 +195,17 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
   program = programs.lanes(configs, dataset, cache=cache)
   checkpoints = rundir.Checkpoints(checkpoint_dir) if checkpoint_dir is not None else None
   start_epoch, histories = checkpoints.resume(program, log, 'group ') if checkpoints is not None else (0, None)
-  guarded = (lambda write: write) if before_write is None else (
-      lambda write: lambda *args: (before_write(), write(*args))[1])
+
+  def guarded(write):
+    if before_write is None:
+      return write
+
+    def checked_write(*args):
+      before_write()
+      return write(*args)
+
+    return checked_write
+
   for folder, history in zip(folders or [], histories or [[] for _ in configs]):
     guarded(folder.start_metrics)(history)
   try:
