@@ -61,7 +61,12 @@ def main(argv):
   else:
     root = Path(settings.pop('workdir', None) or default_workdir(None, settings))
     configs = {'run': config_lib.make(settings)}
-  return train(configs, root)
+  try:
+    return train(configs, root)
+  finally:
+    from bnjax.lab import rundir
+
+    rundir.unlock_all_folders()  # the workdirs' locks (train() takes them first); a folder left empty goes too
 
 
 def train(configs: dict, root: Path) -> int:

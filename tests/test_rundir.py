@@ -98,6 +98,11 @@ def test_one_process_per_folder_and_the_second_is_told_who_holds_it(tmp_path):
     rundir.unlock_folder(folder)
   assert other().stdout == 'locked\n'  # released; and a lock dies with its process
   rundir.unlock_folder(tmp_path / 'never-locked')  # nothing to release: nothing happens
+  # A run that fails before writing anything leaves none of the folders its lock made.
+  rundir.lock_folder(tmp_path / 'new' / 'study' / 'plain')
+  rundir.lock_folder(tmp_path / 'new' / 'study' / 'bn')
+  rundir.unlock_all_folders()
+  assert not (tmp_path / 'new').exists() and (folder / rundir.LOCK_FILE).exists()
 
 
 def test_cli_two_processes_racing_on_one_workdir(data_dir, tmp_path):

@@ -107,7 +107,7 @@ def run(
                 progress=progress, log=log)
   finally:
     if workdir is not None and not locked_by_caller:
-      rundir.unlock_folder(workdir)
+      rundir.unlock_folder(workdir, discard=True)
 
 
 def _run(config, workdir, start, *, dataset, resume, interrupt_after_epoch, progress, log) -> dict[str, Any]:

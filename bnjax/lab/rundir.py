@@ -75,9 +75,10 @@ def resume_conflicts(stored, config) -> list[str]:
   return config_lib.differing_fields(stored, config, ignore)
 
 
-# Folders this process holds the lock of: `{absolute path: open lock file}` (flock belongs to the open file, so a
-# second open in this process would conflict with the first; the lock goes with the process).
-_HELD_LOCKS: dict[Path, Any] = {}
+# Folders this process holds the lock of: `{absolute path: (open lock file, the highest folder made for it or
+# None)}` (flock belongs to the open file, so a second open in this process would conflict with the first; the
+# lock goes with the process).
+_HELD_LOCKS: dict[Path, tuple[Any, Path | None]] = {}
 
 
 def lock_folder(folder: Path, flag: str = '--workdir') -> bool:
@@ -96,6 +97,7 @@ def lock_folder(folder: Path, flag: str = '--workdir') -> bool:
     return False
   if folder.exists() and not folder.is_dir():
     raise RunDirError(f'{flag}={folder} is a file, not a folder: choose a folder.')
+  made = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
   folder.mkdir(parents=True, exist_ok=True)
   path = folder / LOCK_FILE
   while True:
@@ -120,7 +122,7 @@ def lock_folder(folder: Path, flag: str = '--workdir') -> bool:
   lock.truncate(0)
   lock.write(f'{os.getpid()}@{socket.gethostname()}\n')
   lock.flush()
-  _HELD_LOCKS[folder] = lock
+  _HELD_LOCKS[folder] = (lock, made)
   return True
 
 
@@ -132,20 +134,31 @@ def holds_lock(folder: Path) -> bool:
 def unlock_folder(folder: Path, *, discard: bool = False) -> None:
   """Releases this process's lock on `folder` (nothing if it holds none).
 
-  `discard`: also removes the lock file, and the folder if nothing else is in
-  it (a run refused before writing anything leaves no folder behind).
+  `discard`: also removes the lock file, and the folders `lock_folder` made
+  if nothing else is in them (a run refused, or failing, before it wrote
+  anything leaves no folder behind).
   """
   folder = Path(folder).absolute()
-  lock = _HELD_LOCKS.pop(folder, None)
+  lock, made = _HELD_LOCKS.pop(folder, (None, None))
   if lock is None:
     return
   if discard:
     (folder / LOCK_FILE).unlink(missing_ok=True)
-    try:
-      folder.rmdir()
-    except OSError:  # not empty: it holds a run
-      pass
+    for path in [folder, *folder.parents] if made is not None else []:
+      try:
+        path.rmdir()
+      except OSError:  # not empty: it holds a run (or was there before)
+        break
+      if path == made:
+        break
   lock.close()  # closing the file releases the flock
+
+
+def unlock_all_folders() -> None:
+  """`unlock_folder(discard=True)` of every folder this process holds (a CLI's runs, when it ends), the last
+  locked first (an empty folder made for the first one may hold the later ones)."""
+  for folder in reversed(list(_HELD_LOCKS)):
+    unlock_folder(folder, discard=True)
 
 
 def _clear(folder: Path) -> None:
