@@ -139,9 +139,16 @@ def test_sigint_and_sigterm_end_a_run_in_one_line_and_it_resumes_to_the_same_num
   common = [f'--{k}={v}' for k, v in settings.items()] + ['--progress=false', f'--workdir={tmp_path / "cut"}']
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   for signum, code, flags, after in ((signal.SIGINT, 130, [], 2), (signal.SIGTERM, 143, ['--resume'], 1)):
-    # (SIGINT as in a terminal: a test runner started in the background would pass it on ignored.)
-    process = subprocess.Popen(TRAIN + common + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT as in a terminal: a runner started in the background ignores it, and would pass that on.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+      process = subprocess.Popen(TRAIN + common + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=REPO, env=env)
+    finally:
+      if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     epochs = 0
     for line in process.stdout:
       epochs += line.startswith('epoch ')
