@@ -203,3 +203,32 @@ def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(data_dir, traine
   experiment.run(_config(data_dir, folder, epochs=3), resume=True, progress=False, log=log.append)
   assert 'resumed from the checkpoint of epoch 1' in ' '.join(log)
   assert _metrics(folder) == _metrics(trained)
+
+
+def test_a_stop_during_a_checkpoint_save_takes_effect_once_it_is_complete(tmp_path):
+  import signal
+
+  import jax.numpy as jnp
+
+  from bnjax.lab import signals
+
+  state, history = {'w': jnp.arange(3.0)}, [[{'epoch': 1}]]
+  checkpoints = rundir.Checkpoints(tmp_path / 'checkpoints')
+  save = checkpoints.manager.save
+
+  def save_interrupted(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)  # arrives as Orbax starts writing
+    return save(*args, **kwargs)
+
+  checkpoints.manager.save = save_interrupted
+  before = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
+  signals.install()
+  try:
+    with pytest.raises(signals.Stopped, match='SIGTERM'):
+      checkpoints.save(1, state, history)
+  finally:
+    for signum, handler in before.items():
+      signal.signal(signum, handler)
+    checkpoints.close()
+  epoch, restored, histories = rundir.Checkpoints(tmp_path / 'checkpoints').restore(state)
+  assert epoch == 1 and restored['w'].tolist() == [0.0, 1.0, 2.0] and histories == history
