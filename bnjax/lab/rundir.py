@@ -307,7 +307,10 @@ class Checkpoints:
 
     target = self.folder.with_name(self.folder.name + '-damaged') / f'{epoch}-{time.strftime("%Y%m%d-%H%M%S")}'
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.folder / str(epoch)), target)
+    try:
+      shutil.move(str(self.folder / str(epoch)), target)
+    except FileNotFoundError:  # another process of a multi-process run moved it first
+      pass
     self.manager.reload()
     return target
 
