@@ -9,7 +9,9 @@ Files (in the folder):
 - TensorBoard event files (`events.out.tfevents.*`): the same scalars per
   epoch, and the config as text (`tensorboard --logdir` over a sweep compares
   its lanes, one folder each);
-- `summary.json`, `curves.png`; `checkpoints/` (Orbax).
+- `summary.json`, `curves.png`; `checkpoints/` (Orbax), and
+  `checkpoints-damaged/` where a checkpoint that could not be read was set
+  aside; `.lock` while a process writes the run (it names the process).
 
 The rules (a result can never be mixed with another run's):
 - a folder that holds another run is refused, unless `overwrite` (which
