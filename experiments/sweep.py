@@ -14,6 +14,7 @@ finished runs. Outputs: <sweep_dir>/runs/<run_id>.json and runs/<run_id>/
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -57,8 +58,9 @@ def main(argv):
     raise ValueError(f'--max_group_size={FLAGS.max_group_size} is invalid: expected a positive integer (or unset '
                      'for no cap).')
   num_workers, worker_index = storage.resolve_workers(FLAGS.num_workers, FLAGS.worker_index)
-  if FLAGS.claim_timeout <= 0:
-    raise ValueError(f'--claim_timeout={FLAGS.claim_timeout} is invalid: expected a number of seconds > 0.')
+  if not (math.isfinite(FLAGS.claim_timeout) and FLAGS.claim_timeout > 0):
+    raise ValueError(f'--claim_timeout={FLAGS.claim_timeout} is invalid: expected a finite number of seconds > 0 '
+                     f'(default {sweep.CLAIM_TIMEOUT:g}).')
   given = grid_flags()
   finalize = None
   if FLAGS.preset:
@@ -84,7 +86,7 @@ def main(argv):
     print(sweep.describe_groups(groups))
     print(f'{sum(sweep.run_id(c) in done for c in configs)} of them already finished in {sweep_dir}')
     return 0
-  parallel.initialize(base.coordinator_address, base.num_processes, base.process_id)  # when asked (multi-host)
+  parallel.initialize(base.coordinator_address, base.num_processes, base.process_id, FLAGS.coordinator_timeout)  # when asked (multi-host)
   try:
     records = sweep.run_sweep(configs, sweep_dir, command=command, max_group_size=FLAGS.max_group_size,
                               interrupt_after_groups=FLAGS.interrupt_after_groups,
@@ -103,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, on_stop='finished runs and the last checkpoint of the group in flight are '
+          'kept: the same command continues the sweep.')

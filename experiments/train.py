@@ -61,7 +61,12 @@ def main(argv):
   else:
     root = Path(settings.pop('workdir', None) or default_workdir(None, settings))
     configs = {'run': config_lib.make(settings)}
-  return train(configs, root)
+  try:
+    return train(configs, root)
+  finally:
+    from bnjax.lab import rundir
+
+    rundir.unlock_all_folders()  # the workdirs' locks (train() takes them first); a folder left empty goes too
 
 
 def train(configs: dict, root: Path) -> int:
@@ -71,13 +76,14 @@ def train(configs: dict, root: Path) -> int:
 
   first = next(iter(configs.values()))
   # Before any other JAX call: afterwards jax.devices() lists every process's devices.
-  parallel.initialize(first.coordinator_address, first.num_processes, first.process_id)
+  parallel.initialize(first.coordinator_address, first.num_processes, first.process_id, FLAGS.coordinator_timeout)
   main_process = parallel.is_main_process()
   if jax.process_count() > 1 and first.workdir is None and not FLAGS['workdir'].present:
     raise ValueError('a multi-process run needs --workdir: the same folder on every process (shared storage).')
   multiple = len(configs) > 1
   configs = {name: dataclasses.replace(c, workdir=str(root / name if multiple else root)) for name, c in configs.items()}
-  for config in configs.values():  # every variant's folder is checked before anything loads
+  # Every variant's folder is locked (until this process ends) and checked before anything loads.
+  for config in configs.values():
     experiment.check_workdir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
   dataset = build.dataset(first, put=jax.device_put if jax.process_count() == 1 else None)
   print(f'{first.dataset}: {dataset.train_images.shape[0]} train, {dataset.val_images.shape[0]} validation, '
@@ -113,4 +119,5 @@ def train(configs: dict, root: Path) -> int:
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, on_stop='the last completed checkpoint is kept: the same command with '
+          '--resume continues the run.')

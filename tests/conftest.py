@@ -67,3 +67,28 @@ def run_script(script, *flags, timeout=600, env=None):
   environment = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
   return subprocess.run([sys.executable, str(REPO / 'experiments' / script), *map(str, flags)], capture_output=True,
                         text=True, timeout=timeout, cwd=REPO, env=environment)
+
+
+def mounted_tmpfs(folder, size):
+  """Mounts a tmpfs of `size` (e.g. '1m') on the new folder `folder`, yields it, unmounts it; skips the test where
+  mounting is not allowed (not root)."""
+  folder.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)], capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (not root)')
+  try:
+    yield folder
+  finally:
+    subprocess.run(['umount', str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs (see `mounted_tmpfs`), and a function filling it up to `left` free bytes."""
+  import shutil
+
+  def fill(left=64 << 10):
+    with open(mount / 'filler', 'wb') as f:
+      f.write(b'\0' * max(0, shutil.disk_usage(mount).free - left))
+
+  for mount in mounted_tmpfs(tmp_path / 'disk', '64m'):
+    yield mount, fill

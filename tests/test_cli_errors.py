@@ -2,12 +2,11 @@
 
 import gzip
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import mounted_tmpfs, run_script
 from fixtures import write_idx
 
 
@@ -99,6 +98,11 @@ FLAG_CASES = [
     ('sweep.py', ['--epochs=1.5'], 2, "--epochs='1.5'"),
     ('sweep.py', ['--batch_size=abc'], 2, "--batch_size='abc'"),
     ('sweep.py', ['--max_group_size=-1'], 2, '--max_group_size=-1'),
+    ('sweep.py', ['--claim_timeout=inf'], 2, '--claim_timeout=inf is invalid'),
+    ('sweep.py', ['--claim_timeout=nan'], 2, '--claim_timeout=nan is invalid'),
+    # A coordinator that doesn't answer: one line after --coordinator_timeout seconds, not a hang (JAX waits 300 s).
+    ('train.py', ['--coordinator_address=127.0.0.1:1', '--num_processes=2', '--process_id=1',
+                  '--coordinator_timeout=2'], 1, '--coordinator_address=127.0.0.1:1: no coordinator answered within 2 s'),
     ('study.py', ['--study=repro_renorm', '--epoch=3'], 2, 'epoch'),
     ('study.py', ['--study=fig2'], 2, "--study='fig2'"),
     ('study.py', ['--study=repro_renorm', '--momentum=0.9'], 2, '--momentum'),
@@ -142,12 +146,7 @@ def test_workdir_that_is_a_file(data_dir, tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
   """A 1 MiB tmpfs: room for a run's config and metrics, not for its checkpoint (needs root; skipped without)."""
-  mount = tmp_path / 'tiny'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (not root)')
-  yield mount
-  subprocess.run(['umount', str(mount)], capture_output=True)
+  yield from mounted_tmpfs(tmp_path / 'tiny', '1m')
 
 
 def test_full_disk(data_dir, tiny_disk):

@@ -1,13 +1,18 @@
 """bnjax.lab.rundir: a folder holds one run; resume continues only that run; outputs per epoch."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import types
 
 import pytest
 
 from bnjax.lab import config as C
 from bnjax.lab import experiment, rundir
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 def _config(data_dir, workdir, **settings):
@@ -136,3 +141,156 @@ def test_cli_new_run_into_a_used_workdir_then_resume_uses_the_right_run(data_dir
   assert len(refused.stderr.strip().splitlines()) == 1 and 'Traceback' not in refused.stderr
   mismatch = run_script('train.py', *common, '--epochs=2', '--seed=1', '--resume')
   assert mismatch.returncode == 2 and 'seed=0 (this command: 1)' in mismatch.stderr
+
+
+# ----------------------------------------------------------------------------
+# One writer per folder; damaged checkpoints; a full disk (issue 27).
+
+
+def test_one_process_per_folder_and_the_second_is_told_who_holds_it(tmp_path):
+  folder = tmp_path / 'run'
+  take = [sys.executable, '-c', f'from bnjax.lab import rundir; rundir.lock_folder({str(folder)!r}); print("locked")']
+  other = lambda: subprocess.run(take, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                 timeout=120)
+  assert rundir.lock_folder(folder) and not rundir.lock_folder(folder)  # taken; taken again by its holder: no change
+  try:
+    refused = other()
+    assert refused.returncode == 1 and f'is in use by {os.getpid()}@{socket.gethostname()}' in refused.stderr
+  finally:
+    rundir.unlock_folder(folder)
+  assert other().stdout == 'locked\n'  # released; and a lock dies with its process
+  rundir.unlock_folder(tmp_path / 'never-locked')  # nothing to release: nothing happens
+  # A run that fails before writing anything leaves none of the folders its lock made.
+  rundir.lock_folder(tmp_path / 'new' / 'study' / 'plain')
+  rundir.lock_folder(tmp_path / 'new' / 'study' / 'bn')
+  rundir.unlock_all_folders()
+  assert not (tmp_path / 'new').exists() and (folder / rundir.LOCK_FILE).exists()
+
+
+def test_cli_two_processes_racing_on_one_workdir(data_dir, tmp_path):
+  """Two new runs started at once into one new workdir, then two --resume of it at once: one of each pair
+  trains, the other is refused in one line naming the holder before writing anything."""
+  common = [f'--data_dir={data_dir}', '--data_source=files', '--batch_size=100', '--progress=false',
+            f'--workdir={tmp_path}']
+
+  def race(*flags_per_process):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    processes = [subprocess.Popen([sys.executable, str(REPO / 'experiments' / 'train.py'), *common, *flags],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+                 for flags in flags_per_process]
+    results = [(p, *p.communicate(timeout=300)) for p in processes]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in results]
+    winner = next(i for i, (p, _, _) in enumerate(results) if p.returncode == 0)
+    loser = results[1 - winner][2].strip().splitlines()
+    assert len(loser) == 1 and loser[0].startswith(f'error: --workdir={tmp_path} is in use by '), loser
+    return winner
+
+  winner = race(['--epochs=2', '--seed=0'], ['--epochs=2', '--seed=1'])
+  assert json.loads((tmp_path / 'config.json').read_text())['config']['seed'] == winner
+  assert [json.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+  race(['--epochs=3', f'--seed={winner}', '--resume'], ['--epochs=3', f'--seed={winner}', '--resume'])
+  assert [json.loads(l)['epoch'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """A 3-epoch run (checkpoints of epochs 2 and 3), copied by the tests that damage or resume it."""
+  folder = tmp_path_factory.mktemp('trained') / 'run'
+  experiment.run(_config(data_dir, folder, epochs=3), progress=False, log=lambda m: None)
+  return folder
+
+
+def _copy(trained, tmp_path):
+  folder = tmp_path / 'run'
+  shutil.copytree(trained, folder)
+  return folder
+
+
+def _metrics(folder):
+  return [{k: v for k, v in json.loads(l).items() if 'second' not in k}
+          for l in (folder / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _truncate_arrays(step):
+  for path in (step / 'state' / 'ocdbt.process_0' / 'd').iterdir():
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _corrupt_history(step):
+  (step / 'history' / 'metadata').write_text('{"lanes": [[{"epoch": 1, ')
+
+
+@pytest.mark.parametrize('damage', [_truncate_arrays, _corrupt_history], ids=['truncated array', 'corrupt history'])
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_is_used(damage, data_dir, trained, tmp_path):
+  folder = _copy(trained, tmp_path)
+  damage(folder / 'checkpoints' / '3')
+  log = []
+  summary = experiment.run(_config(data_dir, folder, epochs=3), resume=True, progress=False, log=log.append)
+  named = [m for m in log if m.startswith('the checkpoint of epoch')]
+  assert len(named) == 1 and '\n' not in named[0], log
+  assert named[0].startswith(f'the checkpoint of epoch 3 in {folder / "checkpoints"} is damaged (')
+  assert 'resumed from the checkpoint of epoch 2' in ' '.join(log)
+  assert _metrics(folder) == _metrics(trained)  # epoch 3 trained again: no line lost or duplicated
+  assert summary['test_accuracy'] == json.loads((trained / 'summary.json').read_text())['test_accuracy']
+  assert len(list((folder / 'checkpoints-damaged').iterdir())) == 1  # kept aside for inspection
+  # Every checkpoint damaged: one line, nothing resumed from a broken state.
+  for step in (folder / 'checkpoints').iterdir():
+    _corrupt_history(step)
+  with pytest.raises(rundir.RunDirError, match='holds no intact checkpoint.*--overwrite'):
+    experiment.run(_config(data_dir, folder, epochs=3), resume=True, progress=False, log=lambda m: None)
+
+
+def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(data_dir, trained, small_disk, monkeypatch):
+  """The disk fills before epoch 2's checkpoint; the free-space check is bypassed so that the writes themselves
+  fail (as when another process fills the disk meanwhile). Epoch 1's checkpoint survives, and the run resumed
+  there, once room is made, ends with the numbers of the uninterrupted run."""
+  disk, fill = small_disk
+  folder = disk / 'run'
+  save = rundir.Checkpoints.save
+
+  def save_on_a_full_disk(self, epoch, state, histories):
+    if epoch == 2:
+      fill()
+    return save(self, epoch, state, histories)
+
+  monkeypatch.setattr(rundir.Checkpoints, 'save', save_on_a_full_disk)
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+  with pytest.raises(Exception):  # noqa: B017  (Orbax's error of a full disk; the CLI words it in one line)
+    experiment.run(_config(data_dir, folder, epochs=3), progress=False, log=lambda m: None)
+  monkeypatch.undo()
+  assert sorted(p.name for p in (folder / 'checkpoints').iterdir()) == ['1']  # nothing partial, nothing lost
+  (disk / 'filler').unlink()
+  log = []
+  experiment.run(_config(data_dir, folder, epochs=3), resume=True, progress=False, log=log.append)
+  assert 'resumed from the checkpoint of epoch 1' in ' '.join(log)
+  assert _metrics(folder) == _metrics(trained)
+
+
+def test_a_stop_during_a_checkpoint_save_takes_effect_once_it_is_complete(tmp_path):
+  import signal
+
+  import jax.numpy as jnp
+
+  from bnjax.lab import signals
+
+  state, history = {'w': jnp.arange(3.0)}, [[{'epoch': 1}]]
+  checkpoints = rundir.Checkpoints(tmp_path / 'checkpoints')
+  save = checkpoints.manager.save
+
+  def save_interrupted(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)  # arrives as Orbax starts writing
+    return save(*args, **kwargs)
+
+  checkpoints.manager.save = save_interrupted
+  before = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
+  signals.install()
+  try:
+    with pytest.raises(signals.Stopped, match='SIGTERM'):
+      checkpoints.save(1, state, history)
+  finally:
+    for signum, handler in before.items():
+      signal.signal(signum, handler)
+    checkpoints.close()
+  epoch, restored, histories = rundir.Checkpoints(tmp_path / 'checkpoints').restore(state)
+  assert epoch == 1 and restored['w'].tolist() == [0.0, 1.0, 2.0] and histories == history

@@ -224,9 +224,27 @@ def test_a_silent_worker_elsewhere_becomes_claimable_after_stale_after(fast_dir)
 
 
 def test_a_live_holder_on_this_machine_keeps_its_claim():
-  record = {'host': storage.socket.gethostname(), 'boot_id': storage._boot_id(), 'pid': os.getppid()}
+  record = {'host': storage.socket.gethostname(), 'boot_id': storage._boot_id(),
+            'pid_namespace': storage._pid_namespace(), 'pid': os.getppid()}
   assert not storage.holder_died_here(record)  # a live process
   assert not storage.holder_died_here(dict(record, boot_id='another boot'))
+
+
+def test_a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(fast_dir):
+  """A container on this host (host networking: our host name, our boot) numbers its processes apart: its
+  pid says nothing here. A pid that is dead in our namespace must not free its live claim."""
+  path, stale_after = fast_dir / 'group', 1.0
+  _killed_holder(path, stale_after)  # a pid that exists in no process of ours
+  entry = next(path.glob('*.claim'))
+  record = json.loads(entry.read_text())
+  assert record['pid_namespace'] == storage._pid_namespace() and storage.holder_died_here(record)
+  entry.write_text(json.dumps(dict(record, pid_namespace='pid:[1]', heartbeat=time.time())))
+  assert not storage.holder_died_here(json.loads(entry.read_text()))
+  assert storage.claim(path, owner='w', stale_after=stale_after) is None  # its heartbeat is fresh: held
+  assert not storage.holder_died_here({k: v for k, v in record.items() if k != 'pid_namespace'})  # an older record
+  time.sleep(stale_after + 0.05)
+  taken = storage.claim(path, owner='w', stale_after=stale_after)
+  assert taken is not None and taken.generation == 1
 
 
 def test_former_owner_cannot_release_or_heartbeat_a_taken_over_claim(tmp_path):
@@ -257,8 +275,9 @@ def test_claim_rejects_bad_arguments(tmp_path):
   (tmp_path / 'file').touch()
   with pytest.raises(NotADirectoryError, match='is a file'):
     storage.claim(tmp_path / 'file', owner='w', stale_after=60)
-  with pytest.raises(ValueError, match='stale_after=0'):
-    storage.claim(tmp_path / 'group', owner='w', stale_after=0)
+  for bad in (0, float('inf'), float('nan')):
+    with pytest.raises(ValueError, match=f'stale_after={bad!r}'):
+      storage.claim(tmp_path / 'group', owner='w', stale_after=bad)
   with pytest.raises(ValueError, match='owner'):
     storage.claim(tmp_path / 'group', owner='', stale_after=60)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -206,6 +207,35 @@ def test_a_sweep_killed_mid_group_resumes_that_group_to_the_same_numbers(data_di
   assert not (tmp_path / 'cut' / 'groups').exists() or not list((tmp_path / 'cut' / 'groups').iterdir())
   lines = (tmp_path / 'cut' / 'runs' / sweep.run_id(configs[0]) / 'metrics.jsonl').read_text().splitlines()
   assert len(lines) == 3  # the lane's metrics: the kept epochs and the resumed ones, once each
+
+
+def test_a_group_that_fills_the_disk_keeps_its_checkpoints_and_its_rerun_resumes(data_dir, small_disk, monkeypatch):
+  """The disk fills before the group's second checkpoint: its runs are recorded as errors, its first checkpoint
+  stays, and once room is made the same sweep resumes the group there (not from epoch 0), each epoch once."""
+  from bnjax.lab import rundir
+
+  disk, fill = small_disk
+  configs, _ = sweep.expand_grid(tiny(data_dir, epochs=3, checkpoint_every=1), {'momentum': [0.6, 0.9]})
+  save = rundir.Checkpoints.save
+
+  def save_on_a_full_disk(self, epoch, state, histories):
+    if epoch == 2:
+      fill(left=1 << 20)  # room for records and metrics, not for a checkpoint
+    return save(self, epoch, state, histories)
+
+  monkeypatch.setattr(rundir.Checkpoints, 'save', save_on_a_full_disk)
+  records = sweep.run_sweep(configs, disk / 'sweep', report=False, log=lambda m: None)
+  assert [r['status'] for r in records] == ['error', 'error'] and 'no room for a checkpoint' in records[0]['error']
+  assert [p.name for p in (disk / 'sweep').glob('groups/*/checkpoints/*')] == ['1']
+  monkeypatch.undo()
+  (disk / 'filler').unlink()
+  log = []
+  records = sweep.run_sweep(configs, disk / 'sweep', report=False, log=log.append)
+  assert [r['status'] for r in records] == ['completed', 'completed']
+  assert 'group resumed from the checkpoint of epoch 1' in ' '.join(log)
+  for config in configs:
+    lines = (disk / 'sweep' / 'runs' / sweep.run_id(config) / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['epoch'] for l in lines] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------

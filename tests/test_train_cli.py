@@ -125,3 +125,45 @@ def test_moving_statistics_bug_on_real_mnist(tmp_path):
   # Measured: about 0.63 with the (never updated) moving statistics, 0.96 with batch statistics.
   assert summary['test_accuracy_moving_stats'] < 0.8
   assert summary['test_accuracy_batch_stats'] > 0.93
+
+
+def test_sigint_and_sigterm_end_a_run_in_one_line_and_it_resumes_to_the_same_numbers(data_dir, tmp_path):
+  """Ctrl-C in epoch 3, SIGTERM in the resumed run, then a resume to the end: exit 130 and 143 with one line
+  each, the last checkpoint resumable, and the metrics of the uninterrupted run, each epoch once."""
+  import signal
+
+  from bnjax.lab import config as C
+  from bnjax.lab import experiment
+
+  settings = dict(data_dir=str(data_dir), data_source='files', epochs=8, batch_size=100, progress_updates=1)
+  common = [f'--{k}={v}' for k, v in settings.items()] + ['--progress=false', f'--workdir={tmp_path / "cut"}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  for signum, code, flags, after in ((signal.SIGINT, 130, [], 2), (signal.SIGTERM, 143, ['--resume'], 1)):
+    # SIGINT as in a terminal: a runner started in the background ignores it, and would pass that on.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+      process = subprocess.Popen(TRAIN + common + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=REPO, env=env)
+    finally:
+      if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    epochs = 0
+    for line in process.stdout:
+      epochs += line.startswith('epoch ')
+      if epochs == after:
+        break
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert process.returncode == code, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f'stopped by {signum.name}: ') and '--resume' in lines[0], lines
+  log = []  # the last resume, and the uninterrupted run, in this process (one compile for both)
+  experiment.run(C.make(dict(settings, workdir=str(tmp_path / 'cut'))), resume=True, progress=False, log=log.append)
+  assert 'resumed from the checkpoint of epoch' in ' '.join(log)
+  experiment.run(C.make(dict(settings, workdir=str(tmp_path / 'whole'))), progress=False, log=lambda m: None)
+  drop_time = lambda m: {k: v for k, v in m.items() if 'second' not in k}
+  lines = lambda d: [drop_time(json.loads(l)) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['epoch'] for m in lines('cut')] == list(range(1, 9))
+  assert lines('cut') == lines('whole')

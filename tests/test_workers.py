@@ -132,3 +132,69 @@ def test_a_sweep_over_two_processes_equals_one_process(data_dir, tmp_path):
   for run in got:
     assert len((tmp_path / 'two' / 'runs' / run / 'metrics.jsonl').read_text().splitlines()) == 2
   assert not list((tmp_path / 'two' / 'groups').glob('*/checkpoints/*'))
+
+
+def test_a_worker_stopped_past_its_claim_timeout_writes_nothing_once_woken(data_dir, tmp_path):
+  """SIGSTOP (SLURM's suspend, a paused VM) past --claim_timeout: another worker takes the group over, resumes
+  from the stopped worker's checkpoint and finishes it; woken, the stopped worker finds its claim lost at its
+  next write and stops the group: the new owner's record, metrics and cleaned-up folder stay as they are."""
+  import signal
+
+  timeout = 3.0
+  flags = ['--momentum=0.9', '--epochs=8', '--batch_size=100', '--data_source=files', '--progress_updates=1',
+           '--report=false', f'--claim_timeout={timeout}']
+  stalled = subprocess.Popen([sys.executable, str(REPO / 'experiments' / 'sweep.py'), f'--data_dir={data_dir}',
+                              f'--sweep_dir={tmp_path}', *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), cwd=REPO)
+  try:
+    deadline = time.time() + 300
+    while not list(tmp_path.glob('groups/*/checkpoints/2')) and stalled.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    stalled.send_signal(signal.SIGSTOP)
+    assert stalled.poll() is None, stalled.communicate()[1][-2000:]
+    time.sleep(timeout + 0.5)
+    (config,) = sweep.expand_grid(C.make(dict(data_dir=str(data_dir), data_source='files', epochs=8, batch_size=100,
+                                              momentum=0.9, progress_updates=1)), {})[0]
+    log = []
+    (record,) = sweep.run_sweep([config], tmp_path, report=False, claim_timeout=timeout, log=log.append)
+    assert record['status'] == 'completed' and 'group resumed from the checkpoint of epoch' in ' '.join(log)
+    written = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and 'claims' not in p.parts}
+  finally:
+    stalled.send_signal(signal.SIGCONT)
+  out, err = stalled.communicate(timeout=300)
+  assert stalled.returncode == 0 and 'Traceback' not in err, err[-3000:]
+  assert 'another worker took over its claim' in out, out
+  after = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and 'claims' not in p.parts}
+  changed = [p for p in after if after[p] != written.get(p)]
+  # The stalled worker's own TensorBoard file may still receive the events it had queued before the stop.
+  theirs = sorted(tmp_path.glob('runs/*/events.out.tfevents.*'))[0]
+  assert after.keys() == written.keys() and changed in ([], [theirs]), (changed, after.keys() ^ written.keys())
+  assert not list(tmp_path.glob('groups/*/checkpoints/*'))
+  metrics = (tmp_path / 'runs' / C.run_id(config) / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l)['epoch'] for l in metrics] == list(range(1, 9))
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  resumed_at = int(next(m for m in log if 'resumed from the checkpoint' in m).split('epoch ')[1].split()[0])
+  events = EventAccumulator(str(theirs))
+  events.Reload()
+  assert max(e.step for e in events.Scalars('val_accuracy')) <= resumed_at + 1  # nothing after the stop
+
+
+def test_a_group_finished_between_a_workers_look_and_its_claim_is_not_trained_again(data_dir, tmp_path, monkeypatch):
+  configs = _configs(data_dir)[:1]
+  sweep.run_sweep(configs, tmp_path / 'other', report=False, log=lambda m: None)  # the other worker's records
+  claim = storage.claim
+
+  def claim_after_the_other_worker_finished(path, **kwargs):
+    for record in (tmp_path / 'other' / 'runs').glob('*.json'):  # it wrote them while we were looking
+      (tmp_path / 'ours' / 'runs' / record.name).write_bytes(record.read_bytes())
+    return claim(path, **kwargs)
+
+  monkeypatch.setattr(storage, 'claim', claim_after_the_other_worker_finished)
+  log = []
+  (record,) = sweep.run_sweep(configs, tmp_path / 'ours', report=False, log=log.append)
+  assert 'group 1: finished by another worker meanwhile; skipped' in log
+  assert record == json.loads(next((tmp_path / 'other' / 'runs').glob('*.json')).read_text())
+  assert not (tmp_path / 'ours' / 'runs' / sweep.run_id(configs[0])).exists()  # no metrics, no config written
+  (folder,) = (tmp_path / 'ours' / 'claims').iterdir()
+  assert [storage.read_json(p).get('released', False) for p in sorted(folder.iterdir())] == [False, True]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import signal
 import sys
 from typing import Any, Callable
 
 from absl import flags
 
 from bnjax.lab import config as config_lib
-from bnjax.lab import host
+from bnjax.lab import host, signals
 from bnjax.lab.options import OPTIONS
 
 FLAGS = flags.FLAGS
@@ -80,9 +81,12 @@ def _message(error: BaseException) -> tuple[str, int]:
 USER_ERRORS = (ValueError, OSError)
 
 
-def one_line_errors(main: Callable) -> Callable:
+def one_line_errors(main: Callable, on_stop: str = 'the last checkpoint is kept') -> Callable:
   """Wraps an absl `main`: user errors (ValueError incl. data and run-folder errors, OSError) end as
-  `error: <one line>` on stderr with exit 2 (usage) or 1; `--verbose` shows the traceback."""
+  `error: <one line>` on stderr with exit 2 (usage) or 1; `--verbose` shows the traceback.
+
+  A stop (Ctrl-C, SIGTERM: `bnjax.lab.signals`) ends as `stopped by SIGINT: <on_stop>` on stderr with
+  exit 128 + the signal's number (130, 143)."""
 
   @functools.wraps(main)
   def wrapped(argv):
@@ -91,6 +95,12 @@ def one_line_errors(main: Callable) -> Callable:
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)  # Orbax logs every save at INFO
     try:
       return main(argv)
+    except KeyboardInterrupt as stop:
+      if FLAGS.verbose:
+        raise
+      stop = stop if isinstance(stop, signals.Stopped) else signals.Stopped(signal.SIGINT)
+      print(f'{stop}: {on_stop}', file=sys.stderr)
+      return stop.exit_code
     except USER_ERRORS as error:
       if FLAGS.verbose:
         raise
@@ -122,14 +132,23 @@ flags.DEFINE_string('cpu_devices', None,
                     "Unset: JAX's default (one device, or XLA_FLAGS' --xla_force_host_platform_device_count).")
 
 
-def run(main: Callable) -> None:
+flags.DEFINE_float('coordinator_timeout', 120.0,
+                   'Multi-process: seconds to wait for every process to reach the coordinator '
+                   '(--coordinator_address) before giving up with a message.')
+
+
+def run(main: Callable, on_stop: str = 'the last checkpoint is kept') -> None:
   """`absl.app.run` of `main` with one-line errors for flags (`parse_flags`) and for what `main` raises;
-  `--host_allocator` and `--cpu_devices` are applied before `main` (and so before JAX starts)."""
+  `--host_allocator` and `--cpu_devices` are applied before `main` (and so before JAX starts).
+
+  SIGINT and SIGTERM end `main` with one line (`stopped by SIGTERM: <on_stop>`) and exit 130 / 143.
+  """
   from absl import app
 
   def with_host_settings(argv):
+    signals.install()
     host.apply(FLAGS.host_allocator)
     host.split_cpu(FLAGS.cpu_devices)
     return main(argv)
 
-  app.run(one_line_errors(with_host_settings), flags_parser=parse_flags)
+  app.run(one_line_errors(with_host_settings, on_stop), flags_parser=parse_flags)

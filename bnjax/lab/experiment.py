@@ -58,9 +58,16 @@ def check_workdir(config, *, resume: bool | str = False, overwrite: bool = False
     parallel.per_device_batch(config.batch_size, num_devices)
   if workdir is None:
     return False
-  if resume == 'auto':
-    resume = (workdir / rundir.CHECKPOINTS).is_dir() and any((workdir / rundir.CHECKPOINTS).iterdir())
-  return rundir.check_folder(workdir, config, resume=bool(resume), overwrite=overwrite, flag=folder_flag)
+  # One writer: the folder is locked before it is checked, and stays locked until the run ends (or the process).
+  took = rundir.lock_folder(workdir, folder_flag) if parallel.is_main_process() else False
+  try:
+    if resume == 'auto':
+      resume = (workdir / rundir.CHECKPOINTS).is_dir() and any((workdir / rundir.CHECKPOINTS).iterdir())
+    return rundir.check_folder(workdir, config, resume=bool(resume), overwrite=overwrite, flag=folder_flag)
+  except BaseException:
+    if took:
+      rundir.unlock_folder(workdir, discard=True)
+    raise
 
 
 def read_history(config) -> list[dict]:
@@ -96,7 +103,19 @@ def run(
   """
   start = time.perf_counter()
   workdir = Path(config.workdir) if config.workdir else None
+  locked_by_caller = workdir is not None and rundir.holds_lock(workdir)  # (train.py locks every variant first)
   resume = check_workdir(config, resume=resume, overwrite=overwrite, folder_flag=folder_flag)
+  try:
+    return _run(config, workdir, start, dataset=dataset, resume=resume, interrupt_after_epoch=interrupt_after_epoch,
+                progress=progress, log=log, folder_flag=folder_flag)
+  finally:
+    if workdir is not None and not locked_by_caller:
+      rundir.unlock_folder(workdir, discard=True)
+
+
+def _run(config, workdir, start, *, dataset, resume, interrupt_after_epoch, progress, log,
+         folder_flag) -> dict[str, Any]:
+  """`run` in its locked, checked workdir."""
   writer = parallel.is_main_process()
   folder = rundir.RunFolder(workdir, config, writer=writer and workdir is not None)
   if dataset is None:

@@ -58,8 +58,12 @@ CROSS_DEVICE_STATS = OPTIONS['cross_device_stats'].choices
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'
 
 
+# Seconds every process waits for the others at the coordinator before giving up (JAX's default is 300).
+COORDINATOR_TIMEOUT = 120
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, timeout: float = COORDINATOR_TIMEOUT) -> bool:
   """Starts `jax.distributed` when asked; returns whether it did. Call before any other JAX call.
 
   Asked means: `coordinator_address` (or $JAX_COORDINATOR_ADDRESS) is set, or
@@ -67,7 +71,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   detect the cluster (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes);
   otherwise `host:port` of process 0's coordinator, the number of processes
   and this process's id (flags, else $JAX_NUM_PROCESSES / $JAX_PROCESS_ID).
+
+  `timeout` bounds the wait for the other processes: a process other than
+  0 first waits for the coordinator's port (ConnectionError, one line, when
+  it doesn't answer in time); then JAX's own deadline applies (XLA ends the
+  process with its own error when it passes).
+
+  Raises:
+    ConnectionError (one line, naming --coordinator_address) when the
+    coordinator doesn't answer within `timeout` seconds; ValueError for a
+    `timeout` that is not a positive finite number.
   """
+  import math
+
+  if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+    raise ValueError(f'--coordinator_timeout={timeout!r} is invalid: expected a finite number of seconds > 0.')
   coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
   if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
     num_processes = int(os.environ[ENV_NUM_PROCESSES])
@@ -75,18 +93,44 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     process_id = int(os.environ[ENV_PROCESS_ID])
   if coordinator_address is None and (num_processes or 1) <= 1:
     return False
-  if coordinator_address == 'auto':
-    jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
-  else:
-    if coordinator_address is None or num_processes is None or process_id is None:
-      raise ValueError(
-          f'multi-process training needs --coordinator_address (host:port of process 0), --num_processes '
-          f'and --process_id (or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID}); got '
-          f'{coordinator_address!r}, {num_processes!r}, {process_id!r}. Use --coordinator_address=auto on '
-          'a Cloud TPU pod slice or under SLURM / Open MPI.'
-      )
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  seconds = max(1, math.ceil(timeout))
+  if coordinator_address != 'auto' and (coordinator_address is None or num_processes is None or process_id is None):
+    raise ValueError(
+        f'multi-process training needs --coordinator_address (host:port of process 0), --num_processes '
+        f'and --process_id (or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID}); got '
+        f'{coordinator_address!r}, {num_processes!r}, {process_id!r}. Use --coordinator_address=auto on '
+        'a Cloud TPU pod slice or under SLURM / Open MPI.'
+    )
+  address = None if coordinator_address == 'auto' else coordinator_address
+  if address is not None and process_id != 0:
+    # XLA's client aborts the process (a C++ fatal error, pages of stack) when its deadline passes: wait for the
+    # coordinator's port here first, where giving up can be one line.
+    _wait_for_coordinator(address, timeout)
+  jax.distributed.initialize(address, num_processes, process_id, initialization_timeout=seconds)
   return True
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once `host:port` accepts a TCP connection; ConnectionError (one line) after `timeout` seconds."""
+  import socket
+  import time
+
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  if not host or not port.isdigit():
+    raise ValueError(f'--coordinator_address={address!r} is invalid: expected host:port of process 0 (or auto).')
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+        return
+    except OSError as error:
+      if time.monotonic() >= deadline:
+        raise ConnectionError(
+            f'--coordinator_address={address}: no coordinator answered within {timeout:g} s ({error}): start '
+            'process 0 (it serves that address), check the host and port, or wait longer with '
+            '--coordinator_timeout.') from None
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def is_main_process() -> bool:

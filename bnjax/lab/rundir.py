@@ -9,11 +9,16 @@ Files (in the folder):
 - TensorBoard event files (`events.out.tfevents.*`): the same scalars per
   epoch, and the config as text (`tensorboard --logdir` over a sweep compares
   its lanes, one folder each);
-- `summary.json`, `curves.png`; `checkpoints/` (Orbax).
+- `summary.json`, `curves.png`; `checkpoints/` (Orbax), and
+  `checkpoints-damaged/` where a checkpoint that could not be read was set
+  aside; `.lock` while a process writes the run (it names the process).
 
 The rules (a result can never be mixed with another run's):
 - a folder that holds another run is refused, unless `overwrite` (which
   deletes that run's files first) or `resume`;
+- one writer: a run holds an exclusive lock on its folder (`lock_folder`:
+  `fcntl.flock` on `.lock`, which names the holder) from before its folder
+  is checked until it ends; a second process is refused in one line;
 - `resume` continues only the same run: every setting that changes results
   must be equal, except `epochs`/`steps` extended when nothing depends on the
   run's length (a constant learning rate) and the checkpoint ends at a whole
@@ -25,18 +30,22 @@ The rules (a result can never be mixed with another run's):
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bnjax.lab import config as config_lib
-from bnjax.lab import storage
+from bnjax.lab import signals, storage
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINTS = 'checkpoints'
+LOCK_FILE = '.lock'
 # Scalars written to TensorBoard from each epoch's metrics.
 TENSORBOARD_SCALARS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'examples_per_second')
 OUTPUTS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, 'curves.png', CHECKPOINTS)
@@ -68,6 +77,92 @@ def resume_conflicts(stored, config) -> list[str]:
   """The flags in which `config` differs from the stored run in a way that changes its results."""
   ignore = ('epochs', 'steps') if length_can_change(config) and length_can_change(stored) else ()
   return config_lib.differing_fields(stored, config, ignore)
+
+
+# Folders this process holds the lock of: `{absolute path: (open lock file, the highest folder made for it or
+# None)}` (flock belongs to the open file, so a second open in this process would conflict with the first; the
+# lock goes with the process).
+_HELD_LOCKS: dict[Path, tuple[Any, Path | None]] = {}
+
+
+def lock_folder(folder: Path, flag: str | None = '--workdir') -> bool:
+  """Takes the exclusive lock on `folder` (made if missing) for this process; returns whether it was newly taken.
+
+  The lock (`fcntl.flock` on `folder/.lock`) is held until `unlock_folder` or
+  the process ends (a kill included: the kernel drops it). The lock file
+  holds `pid@host` of its holder, for the message another process gets.
+  Taken again by its holder: nothing changes (returns False).
+
+  Raises:
+    RunDirError (one line, naming the holder) when another process holds it.
+  """
+  folder = Path(folder).absolute()
+  if folder in _HELD_LOCKS:
+    return False
+  if folder.exists() and not folder.is_dir():
+    raise RunDirError(f'{_where(folder, flag)} is a file, not a folder: choose a folder.')
+  made = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / LOCK_FILE
+  while True:
+    lock = open(path, 'a+')
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or 'another process'
+      lock.close()
+      raise RunDirError(f'{_where(folder, flag)} is in use by {holder} (a run is writing there): wait for it to end, or '
+                        'choose another folder.') from None
+    except BaseException:
+      lock.close()
+      raise
+    try:  # the file we locked may have been removed (`unlock_folder(discard=True)`) meanwhile: lock the new one
+      if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+        break
+    except FileNotFoundError:
+      pass
+    lock.close()
+  lock.truncate(0)
+  lock.write(f'{os.getpid()}@{socket.gethostname()}\n')
+  lock.flush()
+  _HELD_LOCKS[folder] = (lock, made)
+  return True
+
+
+def holds_lock(folder: Path) -> bool:
+  """Whether this process holds the lock on `folder`."""
+  return Path(folder).absolute() in _HELD_LOCKS
+
+
+def unlock_folder(folder: Path, *, discard: bool = False) -> None:
+  """Releases this process's lock on `folder` (nothing if it holds none).
+
+  `discard`: also removes the lock file, and the folders `lock_folder` made
+  if nothing else is in them (a run refused, or failing, before it wrote
+  anything leaves no folder behind).
+  """
+  folder = Path(folder).absolute()
+  lock, made = _HELD_LOCKS.pop(folder, (None, None))
+  if lock is None:
+    return
+  if discard:
+    (folder / LOCK_FILE).unlink(missing_ok=True)
+    for path in [folder, *folder.parents] if made is not None else []:
+      try:
+        path.rmdir()
+      except OSError:  # not empty: it holds a run (or was there before)
+        break
+      if path == made:
+        break
+  lock.close()  # closing the file releases the flock
+
+
+def unlock_all_folders() -> None:
+  """`unlock_folder(discard=True)` of every folder this process holds (a CLI's runs, when it ends), the last
+  locked first (an empty folder made for the first one may hold the later ones)."""
+  for folder in reversed(list(_HELD_LOCKS)):
+    unlock_folder(folder, discard=True)
 
 
 def _clear(folder: Path) -> None:
@@ -231,25 +326,56 @@ class Checkpoints:
     self.folder = Path(folder).absolute()
     self.manager = ocp.CheckpointManager(self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
-  def restore(self, state):
-    """`(epoch, state, histories)` of the latest checkpoint, or None."""
+  def restore(self, state, log: Callable[[str], None] = print):
+    """`(epoch, state, histories)` of the latest intact checkpoint, or None when there is none at all.
+
+    A checkpoint that can't be read (a truncated array file, a corrupt
+    history JSON) is named in one line (`log`), moved out of the way to
+    `<folder>-damaged/<epoch>-<time>` (kept for inspection; a later save of
+    that epoch must not find it) and the one before it is used.
+
+    Raises:
+      RunDirError (one line) when checkpoints exist but none of them is intact.
+    """
     ocp = self._ocp
-    epoch = self.manager.latest_step()
-    if epoch is None:
-      return None
     import jax
 
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = self.manager.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-    return epoch, restored.state, restored.history['lanes']
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for epoch in steps:
+      try:
+        restored = self.manager.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+        return epoch, restored.state, restored.history['lanes']
+      except Exception as error:  # noqa: BLE001  (Orbax, TensorStore and JSON errors alike: the files are damaged)
+        where = self._set_aside(epoch)
+        reason = ' '.join((str(error).strip().splitlines() or [type(error).__name__])[0].split())[:160]
+        log(f'the checkpoint of epoch {epoch} in {self.folder} is damaged ({type(error).__name__}: {reason}); '
+            f'moved to {where}' + ('; using the one before it' if epoch != steps[-1] else ''))
+    if steps:
+      raise RunDirError(f'{self.folder} holds no intact checkpoint (the damaged ones are in {self.folder}-damaged): '
+                        'pass --overwrite to start the run again.')
+    return None
+
+  def _set_aside(self, epoch: int) -> Path:
+    """Moves a damaged checkpoint's folder to `<folder>-damaged/`; returns where it went."""
+    import time
+
+    target = self.folder.with_name(self.folder.name + '-damaged') / f'{epoch}-{time.strftime("%Y%m%d-%H%M%S")}'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      shutil.move(str(self.folder / str(epoch)), target)
+    except FileNotFoundError:  # another process of a multi-process run moved it first
+      pass
+    self.manager.reload()
+    return target
 
   def resume(self, program, log, what: str = '') -> tuple[int, list[list[dict]] | None]:
-    """Puts the latest checkpoint's state into `program`: `(epoch, per-lane histories)`, or `(0, None)`.
+    """Puts the latest intact checkpoint's state into `program`: `(epoch, per-lane histories)`, or `(0, None)`.
 
     Logs `'<what>resumed from the checkpoint of epoch E in <folder>'`.
     """
-    restored = self.restore(program.state)
+    restored = self.restore(program.state, log)
     if restored is None:
       return 0, None
     epoch, program.state, histories = restored
@@ -257,11 +383,14 @@ class Checkpoints:
     return epoch, histories
 
   def save(self, epoch: int, state, histories: list[list[dict]]) -> None:
-    """Saves and waits; a failed save (a full disk) leaves no partial checkpoint behind.
+    """Saves and waits; a failed or stopped save leaves no partial checkpoint and the previous ones intact.
 
     The free space is checked first (twice the state's bytes: Orbax writes a
     temporary copy): Orbax's own failure on a full disk happens in its
     writer threads, which print pages of tracebacks before the error arrives.
+    Orbax writes into a temporary folder and renames it when complete, and
+    removes older checkpoints only after that; a Ctrl-C or SIGTERM during
+    the save takes effect once it is complete (`signals.deferred`).
     """
     import jax
 
@@ -271,14 +400,15 @@ class Checkpoints:
     if free < need:
       raise OSError(errno.ENOSPC, f'no room for a checkpoint of {need / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free)',
                     str(self.folder))
-    try:
-      self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       history=ocp.args.JsonSave({'lanes': histories})))
-      self.manager.wait_until_finished()
-    except BaseException:
-      for partial in self.folder.glob('*.orbax-checkpoint-tmp*'):
-        shutil.rmtree(partial, ignore_errors=True)
-      raise
+    with signals.deferred():
+      try:
+        self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         history=ocp.args.JsonSave({'lanes': histories})))
+        self.manager.wait_until_finished()
+      except BaseException:
+        for partial in self.folder.glob('*.orbax-checkpoint-tmp*'):
+          shutil.rmtree(partial, ignore_errors=True)
+        raise
 
   def close(self) -> None:
     self.manager.close()

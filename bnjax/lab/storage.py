@@ -24,7 +24,7 @@ Claims. A claim is a folder of numbered entries, `<path>/00000000.claim`,
 `00000001.claim`, ...; the highest number says who holds it:
 
 - no entry, or a release entry (`{"released": true, ...}`): free;
-- a holder's entry `{owner, host, pid, started, heartbeat, generation}` whose
+- a holder's entry `{owner, host, boot_id, pid_namespace, pid, started, heartbeat, generation}` whose
   heartbeat is at most `stale_after` seconds old: held (an entry still being
   written counts its file's modification time as its heartbeat);
 - a holder's entry with an older heartbeat: stale, free to take over.
@@ -60,6 +60,7 @@ Standard library only: this module never imports jax.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -230,16 +231,34 @@ def _boot_id() -> str | None:
     return None
 
 
-def holder_died_here(record: dict) -> bool:
-  """Whether a claim's holder ran on this machine, in this boot, and its process is gone (killed, Ctrl-C).
+def _pid_namespace() -> str | None:
+  """This process's PID namespace (Linux: e.g. 'pid:[4026531836]'), None where it can't be read.
 
-  Such a claim is taken over at once instead of after `stale_after` seconds
-  (a user re-running a sweep they stopped doesn't wait for the heartbeat to
-  age). Holders elsewhere, or where the machine can't tell, only go stale.
+  Two containers on one host (host networking: the same host name) number
+  their processes apart: a pid means something only within its namespace.
+  """
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return None
+
+
+def holder_died_here(record: dict) -> bool:
+  """Whether a claim's holder ran on this machine, in this boot and PID namespace, and its process is gone.
+
+  Such a claim (its worker was killed, or stopped with Ctrl-C) is taken over
+  at once instead of after `stale_after` seconds (a user re-running a sweep
+  they stopped doesn't wait for the heartbeat to age). The pid is trusted
+  only when host name, boot id and PID namespace all match ours: holders
+  elsewhere (another container with the same host name included), or
+  where the machine can't tell, only go stale.
   """
   boot_id = _boot_id()
+  namespace = _pid_namespace()
   pid = record.get('pid')
   if boot_id is None or record.get('boot_id') != boot_id or record.get('host') != socket.gethostname():
+    return False
+  if namespace is None or record.get('pid_namespace') != namespace:
     return False
   if not isinstance(pid, int) or pid == os.getpid():
     return False
@@ -280,8 +299,8 @@ def claim(path: str | os.PathLike, *, owner: str, stale_after: float) -> Claim |
   Returns:
     The `Claim`, or None when another holder's claim is live.
   """
-  if not (isinstance(stale_after, (int, float)) and stale_after > 0):
-    raise ValueError(f'stale_after={stale_after!r}: expected a positive number of seconds (e.g. 600).')
+  if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
+    raise ValueError(f'stale_after={stale_after!r}: expected a finite positive number of seconds (e.g. 600).')
   if not (isinstance(owner, str) and owner):
     raise ValueError(f'owner={owner!r}: expected a non-empty name for the claimer (e.g. "worker-3").')
   directory = _claim_folder(path)
@@ -296,8 +315,8 @@ def claim(path: str | os.PathLike, *, owner: str, stale_after: float) -> Claim |
       if entry_is_live(record, mtime, time.time(), stale_after):
         return None
     now = time.time()
-    record = {'owner': owner, 'host': socket.gethostname(), 'boot_id': _boot_id(), 'pid': os.getpid(), 'started': now,
-              'heartbeat': now, 'generation': generation}
+    record = {'owner': owner, 'host': socket.gethostname(), 'boot_id': _boot_id(), 'pid_namespace': _pid_namespace(),
+              'pid': os.getpid(), 'started': now, 'heartbeat': now, 'generation': generation}
     try:
       _create_exclusive(_entry_path(directory, generation), json_text(record).encode('utf-8'))
     except FileExistsError:  # another worker made this entry first: see what it is

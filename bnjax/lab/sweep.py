@@ -20,7 +20,8 @@ Safety: each finished run is one JSON file `runs/<run_id>.json`, written
 atomically, beside its folder `runs/<run_id>/` (metrics.jsonl, TensorBoard
 events: `tensorboard --logdir <sweep_dir>` compares the lanes); a group
 checkpoints after every epoch (`groups/<id>/`), so a kill loses at most an
-epoch; `results.csv` is regenerated from those files. Re-running a sweep
+epoch, and keeps them when it fails (a full disk): its re-run resumes there;
+`results.csv` is regenerated from those files. Re-running a sweep
 skips run ids already there (except runs recorded as errors: they run again); a kill loses only the group in flight; a lane
 whose loss becomes non-finite is recorded as diverged (NaNs stay in their
 lane); a group that raises records each of its runs with the error.
@@ -64,6 +65,10 @@ CLAIM_TIMEOUT = 600.0
 
 class Interrupted(RuntimeError):
   """Raised after `interrupt_after_groups` groups were written (fault injection for resume tests)."""
+
+
+class ClaimLost(RuntimeError):
+  """This worker's claim on the group it trains was taken over (it stalled past the claim timeout): stop writing."""
 
 
 # ----------------------------------------------------------------------------
@@ -165,7 +170,7 @@ def describe_groups(groups: Sequence[Sequence[TrainConfig]]) -> str:
 
 def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None = None,
                 folders: Sequence[Any] | None = None, checkpoint_dir: Path | None = None,
-                interrupt_after_epoch: int | None = None,
+                interrupt_after_epoch: int | None = None, before_write: Callable[[], None] | None = None,
                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], Any]:
   """Trains K runs that differ only in values as one vmapped program (`bnjax.lab.loop`).
 
@@ -178,6 +183,8 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
     checkpoint_dir: where the group checkpoints after every epoch and resumes
       from (None: no checkpoints).
     interrupt_after_epoch: fault injection (`loop.Interrupted` after that epoch's checkpoint).
+    before_write: called before every write to `folders` and every
+      checkpoint (a sweep worker checks there that it still owns the group).
 
   Returns:
     `(records, state)`: per run the summary (`loop.summarize`, with its
@@ -188,12 +195,23 @@ def train_group(configs: Sequence[TrainConfig], dataset, *, cache: dict | None =
   program = programs.lanes(configs, dataset, cache=cache)
   checkpoints = rundir.Checkpoints(checkpoint_dir) if checkpoint_dir is not None else None
   start_epoch, histories = checkpoints.resume(program, log, 'group ') if checkpoints is not None else (0, None)
+
+  def guarded(write):
+    if before_write is None:
+      return write
+
+    def checked_write(*args):
+      before_write()
+      return write(*args)
+
+    return checked_write
+
   for folder, history in zip(folders or [], histories or [[] for _ in configs]):
-    folder.start_metrics(history)
+    guarded(folder.start_metrics)(history)
   try:
     result = loop.train(program, start_epoch=start_epoch, histories=histories,
-                        sinks=[f.add_epoch for f in folders] if folders else None,
-                        checkpoint=checkpoints.save if checkpoints else None, checkpoint_every=1,
+                        sinks=[guarded(f.add_epoch) for f in folders] if folders else None,
+                        checkpoint=guarded(checkpoints.save) if checkpoints else None, checkpoint_every=1,
                         # One jitted scan per epoch (no progress bar to refresh), as sweeps always ran.
                         progress_updates=1, progress=False, interrupt_after_epoch=interrupt_after_epoch, log=log)
   finally:
@@ -299,8 +317,11 @@ def run_sweep(
       `bnjax.lab.storage.claim`), so no group trains twice, and workers
       start at different groups. A claim whose worker stopped heartbeating
       for `claim_timeout` seconds (it died) is taken over, and the group
-      resumes from its checkpoint. Every worker rebuilds results.csv when it
-      is done: the last one to finish writes the complete one.
+      resumes from its checkpoint; a worker that finds, before any write,
+      that its claim was taken over (it was stopped past `claim_timeout`)
+      stops that group and goes on. A group claimed is looked at again:
+      finished meanwhile, it is left. Every worker rebuilds results.csv
+      when it is done: the last one to finish writes the complete one.
   """
   import jax
 
@@ -338,16 +359,23 @@ def run_sweep(
   for index in [*range(start, len(groups)), *range(start)]:
     members = groups[index]
     claim = None
-    if main and any(finished_runs_of(sweep_dir, members).get(run_id(c), {}).get('status', STATUS_ERROR) == STATUS_ERROR
-                    for c in members):  # (else another worker trained it meanwhile)
+    if main and _unfinished(sweep_dir, members):  # (else another worker trained it meanwhile)
       claim = storage.claim(sweep_dir / 'claims' / group_folder_name(members), owner=owner, stale_after=claim_timeout)
       if claim is None:
         log(f'group {index + 1}: claimed by another worker; skipped')
+      elif not _unfinished(sweep_dir, members):  # finished between our look and our claim: not trained twice
+        claim.release()
+        claim = None
+        log(f'group {index + 1}: finished by another worker meanwhile; skipped')
     if not parallel.from_main_process(claim is not None):
       continue
-    with claim or contextlib.nullcontext():
-      _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
-                        write=main)
+    try:
+      with claim or contextlib.nullcontext():
+        _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
+                          write=main, owns=claim.still_owned if claim is not None else None)
+    except ClaimLost as error:
+      log(f'group {index + 1}: {error}')
+      continue
     if interrupt_after_groups is not None and index + 1 == interrupt_after_groups and index + 1 < len(groups):
       raise Interrupted(f'interrupted after group {index + 1} (fault injection)')
   if main:
@@ -369,12 +397,28 @@ def finished_runs_of(sweep_dir: Path, members: Sequence[TrainConfig]) -> dict[st
   return _read_records(Path(sweep_dir, 'runs', f'{run_id(config)}.json') for config in members)
 
 
+def _unfinished(sweep_dir: Path, members: Sequence[TrainConfig]) -> bool:
+  """Whether some run of the group has no record, or one of an error (it is tried again)."""
+  records = finished_runs_of(sweep_dir, members)
+  return any(records.get(run_id(c), {}).get('status', STATUS_ERROR) == STATUS_ERROR for c in members)
+
+
 def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, command, interrupt_after_epoch, log,
-                      *, write=True):
-  """Trains one group (a claimed one) and writes (`write`: process 0) its records and results.csv."""
+                      *, write=True, owns: Callable[[], bool] | None = None):
+  """Trains one group (a claimed one) and writes (`write`: process 0) its records and results.csv.
+
+  `owns()` says whether this worker still holds the group's claim; it is asked before every write (config,
+  metrics, checkpoint, record), and `ClaimLost` stops the group as soon as the answer is no: the worker that
+  took the claim over writes alone from then on.
+  """
   import jax
 
   from bnjax.lab import build, rundir
+
+  def before_write():
+    if owns is not None and not owns():
+      raise ClaimLost('another worker took over its claim (this worker was stopped or stalled past '
+                      '--claim_timeout); stopped it without writing, the new owner finishes it')
 
   timer = time.perf_counter()
   try:
@@ -383,12 +427,13 @@ def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, c
       datasets[key] = build.dataset(members[0], put=jax.device_put)
     folders = [rundir.RunFolder(sweep_dir / 'runs' / run_id(c), c) for c in members] if write else None
     for folder in folders or []:
+      before_write()
       folder.write_config({'command': command})
     group_dir = sweep_dir / 'groups' / group_folder_name(members)
     records, _ = train_group(members, datasets[key], cache=cache, folders=folders,
-                             checkpoint_dir=group_dir / 'checkpoints', log=log,
+                             checkpoint_dir=group_dir / 'checkpoints', log=log, before_write=before_write,
                              interrupt_after_epoch=interrupt_after_epoch if index == 0 else None)
-  except loop.Interrupted:
+  except (loop.Interrupted, ClaimLost):
     raise
   except Exception as error:  # noqa: BLE001  (a failing group is recorded; the sweep goes on)
     records = _error_records(members, error)
@@ -399,8 +444,12 @@ def _train_and_record(index, groups, members, sweep_dir, ids, datasets, cache, c
   for config, record in zip(members, records):
     record.update(run_id=run_id(config), group_id=group_key(config), config=config.to_dict(),
                   seconds=seconds / len(members), group_seconds=seconds, group_size=len(members))
+    before_write()
     storage.write_json_atomic(sweep_dir / 'runs' / f'{record["run_id"]}.json', record)
-  rundir.remove_tree(sweep_dir / 'groups' / group_folder_name(members))
+  if all(r['status'] != STATUS_ERROR for r in records):
+    before_write()
+    rundir.remove_tree(sweep_dir / 'groups' / group_folder_name(members))
+  # (A group that failed keeps its checkpoints, e.g. those before a full disk: its re-run resumes from them.)
   write_results(sweep_dir, ids)
   summary = ', '.join(f'{r["status"]}' if r.get('test_accuracy_moving_stats') is None
                       else f'{r["test_accuracy_moving_stats"]:.4f}' for r in records)
