@@ -294,3 +294,16 @@ def test_a_stop_during_a_checkpoint_save_takes_effect_once_it_is_complete(tmp_pa
     checkpoints.close()
   epoch, restored, histories = rundir.Checkpoints(tmp_path / 'checkpoints').restore(state)
   assert epoch == 1 and restored['w'].tolist() == [0.0, 1.0, 2.0] and histories == history
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_in_one_line_and_kept(tmp_path):
+  """E.g. a run folder of a bnjax whose batch_stats held `step`/`decay_product` for every layer."""
+  import jax.numpy as jnp
+
+  checkpoints = rundir.Checkpoints(tmp_path / 'checkpoints')
+  checkpoints.save(1, {'mean': jnp.zeros(3), 'step': jnp.zeros((), jnp.int32)}, [[{'epoch': 1}]])
+  checkpoints.close()
+  with pytest.raises(rundir.RunDirError, match='holds a state of another layout .*--overwrite') as refused:
+    rundir.Checkpoints(tmp_path / 'checkpoints').restore({'mean': jnp.zeros(3)}, log=lambda m: None)
+  assert '\n' not in str(refused.value)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']  # not set aside as damaged

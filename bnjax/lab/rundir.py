@@ -348,6 +348,10 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
         return epoch, restored.state, restored.history['lanes']
       except Exception as error:  # noqa: BLE001  (Orbax, TensorStore and JSON errors alike: the files are damaged)
+        if 'tree structures do not match' in str(error):  # intact, but of another layout of the state
+          raise RunDirError(f'the checkpoint of epoch {epoch} in {self.folder} holds a state of another layout than '
+                            'this run\'s (written by another bnjax version, or other model code): pass --overwrite '
+                            'to start the run again.') from None
         where = self._set_aside(epoch)
         reason = ' '.join((str(error).strip().splitlines() or [type(error).__name__])[0].split())[:160]
         log(f'the checkpoint of epoch {epoch} in {self.folder} is damaged ({type(error).__name__}: {reason}); '
