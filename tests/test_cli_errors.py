@@ -127,6 +127,7 @@ def test_a_study_ghost_size_names_its_flag(study_data_dir, tmp_path):
   result = run_script('study.py', '--study=small_batch_norms', '--ghost_sizes=3', f'--out={tmp_path}',
                       f'--data_dir={study_data_dir}', timeout=120)
   _one_line(result, 2, '--ghost_sizes=3 is invalid')
+  assert not (tmp_path / 'small_batch_norms').exists()
 
 
 @pytest.mark.parametrize('script, flags, code, needle', FLAG_CASES, ids=[' '.join(c[1]) for c in FLAG_CASES])

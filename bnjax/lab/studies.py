@@ -306,9 +306,15 @@ def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides:
     raise ValueError(f'--resume: {out} holds no run of study {study.name}; run without --resume to start it.')
   if overwrite:
     rundir.remove_tree(out)
+  made = not out.exists()
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  produced = study.run(out, settings, data_dir, log)
+  try:
+    produced = study.run(out, settings, data_dir, log)
+  except BaseException:
+    if made and not any(out.iterdir()):  # refused before anything was written: no empty folder left behind
+      out.rmdir()
+    raise
   seconds = time.perf_counter() - start
   results = {'study': study.name, 'description': study.description, 'budget': budget, 'settings': settings,
              'command': command, 'wall_seconds': seconds, 'environment': environment(),
