@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bnjax.lab import architectures, storage
+from bnjax.lab import storage
 from bnjax.lab.config import FIELDS, TrainConfig, canonical, group_key, run_id, validate
 from bnjax.lab.config import parse_values, vmapped_fields  # noqa: F401  (re-exported: the sweep's vocabulary)
 from bnjax.lab import loop
@@ -138,7 +138,9 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
   """
   if backend != 'cpu':
     return [list(g) for g in groups]
-  has_conv = lambda config: architectures.has_convolutions(architectures.get(config.model).layers)
+  from bnjax.lab import build, models
+
+  has_conv = lambda config: models.has_convolutions(build.model(config))
   per_device = lambda g: [list(g[i : i + num_devices]) for i in range(0, len(g), num_devices)]
   return [part for g in groups for part in (per_device(g) if has_conv(g[0]) else [list(g)])]
 
