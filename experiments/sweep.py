@@ -70,7 +70,8 @@ def main(argv):
     given = {k: v if isinstance(v, list) else [v] for k, v in settings.items()}
   base = studies.config_lib.unchecked({k: v[0] for k, v in given.items() if len(v) == 1})
   grid = {k: v for k, v in given.items() if len(v) > 1}
-  configs, notes = sweep.expand_grid(base, grid, finalize)
+  # Without a preset, each run's model gives the defaults of the options not given (its own training settings).
+  configs, notes = sweep.expand_grid(base, grid, finalize, given=None if FLAGS.preset else set(given))
   if not configs:
     raise ValueError('no valid run in the grid: ' + ' | '.join(notes))
   groups = sweep.group_runs(configs, FLAGS.max_group_size)

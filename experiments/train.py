@@ -5,10 +5,15 @@ r"""Train one model, or a named comparison of single runs (a study such as mnist
     python experiments/train.py --model=mnist_mlp --norm=renorm --batch_size=8 \
         --renorm_clipping=warmup --renorm_warmup_steps=500 --rmax_end_step=4000 --dmax_end_step=2500
     python experiments/train.py --norm=bn --update_stats=false --eval_stats=moving   # the classic bug
+    python experiments/train.py --model=resnet20                # ResNet-20 with He et al.'s CIFAR-10 recipe
+    python experiments/train.py --model=my_package.nets:build --norm=renorm   # your own Flax module
 
 Every option of the table (`bnjax.lab.options`) is a flag of the same name
 (`--helpfull` lists them with their help); flags given beside `--preset`
-override it. Outputs go to `--workdir` (default: runs/<preset or model>-<time>);
+override it. `--model` is a registered model or the import path of your own
+builder (`--model=my_package.nets:build`); the model's own training settings
+are the defaults (`--model=resnet20` alone trains He et al.'s CIFAR-10
+recipe), and every flag overrides them. Outputs go to `--workdir` (default: runs/<preset or model>-<time>);
 a workdir that holds another run is refused (`--resume` continues it,
 `--overwrite` replaces it). Errors end in one line (`--verbose`: traceback).
 """
@@ -60,7 +65,7 @@ def main(argv):
                for name, fields in studies.PRESET_VARIANTS[study.name].items()}
   else:
     root = Path(settings.pop('workdir', None) or default_workdir(None, settings))
-    configs = {'run': config_lib.make(settings)}
+    configs = {'run': config_lib.make(config_lib.with_model_defaults(settings))}
   return train(configs, root)
 
 

@@ -273,6 +273,24 @@ def make(settings: dict[str, Any] | None = None, *, base=None):
   return validate(unchecked(settings, base=base))
 
 
+def with_model_defaults(settings: dict[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
+  """`settings` over the model's own training settings (`bnjax.lab.registry.Entry.train`): the run's defaults.
+
+  Every setting given wins. A length given (`steps` or `epochs`) replaces the
+  model's other one; a model default that the resulting run does not use (e.g.
+  BN momentum with `--norm=group`) is dropped. `keep`: names whose given
+  values stand even if not in `settings` (a study's budget).
+  """
+  given = set(settings) | set(keep)
+  own = registry.defaults(settings.get('model', DEFAULTS.model))
+  for length, other in (('steps', 'epochs'), ('epochs', 'steps')):
+    if length in given:
+      own.pop(other, None)
+  own = {name: value for name, value in own.items() if name not in given}
+  config = unchecked({**own, **settings})
+  return {**{name: value for name, value in own.items() if uses(config, name)}, **settings}
+
+
 def dataset_key(config) -> tuple:
   """The settings that determine the prepared data: runs with equal keys can share one load."""
   return (config.dataset, config.data_source, config.data_dir, config.scaling, config.validation,

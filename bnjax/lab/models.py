@@ -504,35 +504,10 @@ class LabModel(nn.Module):
       return x
     return dropout(x, rate, self.make_rng('dropout'))
 
-  def build(self, values: Mapping[str, Any]) -> nn.Module:
-    """The builder's module for these option values (called inside `__call__`: it becomes a child)."""
-    from bnjax.lab import registry
-
-    entry = registry.resolve(self.model)
-    takes = registry.builder_arguments(self.model)
-    given = {
-        'norm': norm_layer(self.norm, values, self.axis_name),
-        'activation': ACTIVATIONS[self.activation],
-        'norm_position': self.norm_position,
-        'dropout': functools.partial(self._dropout, values['dropout_rate']),
-        'dropout_placement': self.dropout_placement,
-        'conv_impl': self.conv_impl,
-        'num_classes': self.num_classes,
-    }
-    arguments = {**entry.options, **self.model_options, **{k: v for k, v in given.items() if k in takes}}
-    try:
-      module = registry.builder(self.model)(**arguments)
-    except Exception as error:  # the user's builder: its failure as one line
-      raise ValueError(f'--model={self.model}: its builder raised {type(error).__name__}: {error}') from None
-    if not isinstance(module, nn.Module):
-      raise ValueError(f'--model={self.model}: its builder returned a {type(module).__name__}, not a Flax linen '
-                       'module (an NNX module: wrap it with flax.nnx.bridge.ToLinen).')
-    return module
-
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, hparams: Mapping | None = None, probe_unit: int = 0,
                freeze_norm: bool = False) -> Array:
-    module = self.build(self._values(hparams))
+    module = build_module(self, self._values(hparams))
     nn.share_scope(self, module)
     own_probes = 'probe_unit' in inspect.signature(module.__call__).parameters
     calls = _NormCalls(freeze=freeze_norm)
@@ -543,6 +518,33 @@ class LabModel(nn.Module):
         self.sow('probes', f'block_{index}', {'norm_input': probe_statistics(value, probe_unit)},
                  init_fn=dict, reduce_fn=lambda _, new: new)
     return logits
+
+
+def build_module(self: 'LabModel', values: Mapping[str, Any]) -> nn.Module:
+  """The builder's module of `LabModel` `self` for these option values (a function, not a method: called
+  outside a module, the module it returns is unbound; inside `LabModel.__call__`, it becomes its child)."""
+  from bnjax.lab import registry
+
+  entry = registry.resolve(self.model)
+  takes = registry.builder_arguments(self.model)
+  given = {
+      'norm': norm_layer(self.norm, values, self.axis_name),
+      'activation': ACTIVATIONS[self.activation],
+      'norm_position': self.norm_position,
+      'dropout': functools.partial(self._dropout, values['dropout_rate']),
+      'dropout_placement': self.dropout_placement,
+      'conv_impl': self.conv_impl,
+      'num_classes': self.num_classes,
+  }
+  arguments = {**entry.options, **self.model_options, **{k: v for k, v in given.items() if k in takes}}
+  try:
+    module = registry.builder(self.model)(**arguments)
+  except Exception as error:  # the user's builder: its failure as one line
+    raise ValueError(f'--model={self.model}: its builder raised {type(error).__name__}: {error}') from None
+  if not isinstance(module, nn.Module):
+    raise ValueError(f'--model={self.model}: its builder returned a {type(module).__name__}, not a Flax linen '
+                     'module (an NNX module: wrap it with flax.nnx.bridge.ToLinen).')
+  return module
 
 
 LAB_DEFAULTS = {field.name: field.default for field in dataclasses.fields(LabModel)
@@ -614,8 +616,7 @@ def defaults(name: str) -> dict:
   from bnjax.lab import registry
 
   model = get(name)
-  values = {key: getattr(model, key) for key in LAB_DEFAULTS if key not in ('model', 'model_options', 'norm_options',
-                                                                              'axis_name')}
+  values = {key: getattr(model, key) for key in option_names(name) if key in LAB_DEFAULTS and key != 'axis_name'}
   values.update({key: options_lib.OPTIONS[key].default for key in NORM_LAYER_OPTIONS})
   return copy.deepcopy({'model': values, 'train': registry.defaults(name)})
 
@@ -636,7 +637,7 @@ def get(name: str, **overrides) -> LabModel:
 
   entry = registry.resolve(name)
   valid = option_names(name)
-  unknown = sorted(set(overrides) - set(valid) - {'norm_options', 'model_options', 'axis_name'})
+  unknown = sorted(set(overrides) - set(valid) - set(LAB_DEFAULTS))  # a lab option its builder lacks: LabModel says
   if unknown:
     raise ValueError(f'{name}: unknown option(s) {unknown}; the options are {list(valid)}.')
   norm_options = dict(overrides.pop('norm_options', {}))
@@ -644,5 +645,7 @@ def get(name: str, **overrides) -> LabModel:
   model_options = dict(overrides.pop('model_options', {}))
   model_options.update({key: overrides.pop(key) for key in list(overrides) if key not in LAB_DEFAULTS})
   own = {key: value for key, value in entry.train.items() if key in LAB_DEFAULTS and key != 'model'}
-  return LabModel(model=name, model_options=flax.core.FrozenDict(model_options),
-                  **{**own, **overrides}, norm_options=flax.core.FrozenDict(norm_options))
+  model = LabModel(model=name, model_options=flax.core.FrozenDict(model_options),
+                   **{**own, **overrides}, norm_options=flax.core.FrozenDict(norm_options))
+  build_module(model, model._values(None))  # the builder's own checks (and failures) now, as one line, not mid-training
+  return model
