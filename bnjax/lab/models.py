@@ -460,6 +460,8 @@ class LabModel(nn.Module):
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
     _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
     for option in registry.BUILDER_ARGUMENTS:
+      if option == 'dropout_rate':  # a rate acts only with a placement, which is checked
+        continue
       value = getattr(self, option)
       default = LAB_DEFAULTS[option]
       if not registry.takes(self.model, option) and not _is_default(value, default):
