@@ -1,4 +1,4 @@
-"""The study models: one registry of named Flax modules and their default hyperparameters.
+"""The lab's models as Flax modules: `LabModel` around any builder, and the seed models' `Net`.
 
     model = bnjax.lab.models.get('mlp_seed', norm='bn', dropout_placement='end')
     variables = model.init(key, x)                       # {'params', 'batch_stats'}
@@ -6,12 +6,23 @@
                                   mutable=['batch_stats'])
     logits = model.apply({**variables, **updates}, x)    # evaluation
 
-Every model is a `Net`: a stack of *norm blocks* (a Dense or 3x3 Conv layer,
+`get(name)` gives a `LabModel`: the module of a builder of the registry
+(`bnjax.lab.registry`: a name, or an import path `package.module:build`)
+with the lab's options. The builder's module is built inside the call with
+the norm layers of `norm_layer` (the one function that builds them, from the
+option table, with the run's norm options and call-time values) and shares
+the `LabModel`'s scope, so its variables are its own (`params['linear_0']`).
+Norm layers are found by their module type (`NORM_LAYER_TYPES`), never by
+their names: frozen BN, the probes of models without their own, and the
+weight-decay mask (`norm_layer_paths`, `norm_parameter_mask`).
+
+The seed models are `Net`s: a stack of *norm blocks* (a Dense or 3x3 Conv layer,
 its normalization and its activation, in the order `norm_position` says),
 with flatten and max-pool steps between them, and a Dense classifier `head`.
-The output is logits: the softmax belongs to the loss.
+The output is logits: the softmax belongs to the loss. ResNet-20/32/56 are
+`bnjax.lab.resnet.ResNet`.
 
-Models (`names()`; `defaults(name)` gives the options and the source's
+Models (`names()`; `defaults(name)` gives the options and the model's own
 training hyperparameters):
 - `mlp_seed`: the MNIST MLP of the source: Flatten -> 6 blocks of Dense 256,
   128, 512, 64, 128, 256 -> Dense 10. 376,650 parameters without norm;
@@ -26,7 +37,7 @@ Linear layers keep their bias even before BN (Keras's default: the counts
 above include them) and are initialised as in Keras (`glorot_uniform`
 weights, zero biases) unless `kernel_init` says otherwise.
 
-Options (fields of `Net`; `get` checks them):
+Options (fields of `LabModel`, each given to the builder that takes it; `get` checks them):
 - structure: `norm` none | bn | renorm | ghost (ghost needs
   `virtual_batch_size`; renorm may have one too: ghost renorm), `activation`
   relu | swish | sigmoid, `norm_position` before_activation | after_activation,
