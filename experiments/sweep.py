@@ -7,7 +7,9 @@ r"""Sweep BN hyperparameters: a grid of runs, trained K at a time as one vmapped
 
 Every option of the table (`bnjax.lab.options`) is a flag taking
 comma-separated values; one value sets it for every run, several make an axis
-of the grid. Re-running the same command in the same --sweep_dir skips
+of the grid. Without a preset, each run's `--model` (a registered name or the
+import path of your own builder) gives its own training settings as the
+defaults of the flags not given (`--model=resnet20`: He et al.'s recipe). Re-running the same command in the same --sweep_dir skips
 finished runs. Outputs: <sweep_dir>/runs/<run_id>.json and runs/<run_id>/
 (metrics.jsonl, TensorBoard), results.csv, report.md and PNGs.
 """

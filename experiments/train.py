@@ -43,7 +43,8 @@ cli.define_option_flags(lists=False)
 
 
 def default_workdir(preset: str | None, settings: dict) -> str:
-  name = preset or f'{settings.get("model", config_lib.DEFAULTS.model)}-{settings.get("norm", "bn")}'
+  model = settings.get('model', config_lib.DEFAULTS.model).replace(':', '.')  # an import path: a plain folder name
+  name = preset or f'{model}-{settings.get("norm", "bn")}'
   return str(Path('runs') / f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
 
 

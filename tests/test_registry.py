@@ -161,3 +161,18 @@ def test_norm_weight_decay_false_masks_the_norm_parameters():
   assert 'norm_weight_decay' not in C.identity(C.make(base))
   with pytest.raises(ValueError, match=r'--norm_weight_decay=False is invalid: .*--weight_decay > 0'):
     C.make({'norm_weight_decay': False})
+
+
+def test_sweeps_and_studies_take_a_models_own_settings():
+  from bnjax.lab import studies, sweep
+
+  # A sweep without a preset: each run's model gives the defaults of what was not given.
+  grid = {'model': ['mnist_mlp', 'resnet20'], 'seed': [0]}
+  configs, notes = sweep.expand_grid(C.unchecked({'steps': 5}), grid, given={'model', 'seed', 'steps'})
+  assert not notes
+  assert [(c.dataset, c.optimizer, c.steps) for c in configs] == [('mnist', 'adam', 5), ('cifar10', 'momentum', 5)]
+  # The momentum x batch size study on ResNet-20: its recipe, the study's axes and length.
+  settings = studies.settings_for('momentum_batch_size', 'cpu', {'model': 'resnet20'})
+  assert (settings['dataset'], settings['optimizer'], settings['epochs']) == ('cifar10', 'momentum', 1)
+  assert settings['batch_size'] == [32, 128, 500, 5000] and len(settings['momentum']) == 5
+  assert studies.get('cifar_resnet20').budgets['full']['steps'] == 64_000
