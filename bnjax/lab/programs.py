@@ -140,7 +140,7 @@ def single(config, dataset, *, state=None) -> Program:
   optimizer = build.optimizer(config, plan.total_steps, checked_norm_paths(config, model, dataset.train_images[:1]))
   if state is None:
     state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
-  step_loop = engine.step_loop_for(model, config.step_loop)
+  step_loop = engine.step_loop_for(model, config.step_loop, sample=dataset.train_images[:1])
   options = dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
                  unroll=step_loop == 'python')
   if mesh is not None:
@@ -272,7 +272,7 @@ def _lane_functions(config, total_steps: int, mesh=None, sample=None) -> dict:
   """
   model = build.model(config)
   optimizer = group_optimizer(config, total_steps, checked_norm_paths(config, model, sample))
-  step_loop = engine.step_loop_for(model, config.step_loop)
+  step_loop = engine.step_loop_for(model, config.step_loop, sample=sample)
 
   def vmapped(fn, axes, **jit_options):
     fn = jax.vmap(fn, in_axes=axes)

@@ -145,9 +145,13 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
   """
   if backend != 'cpu':
     return [list(g) for g in groups]
+  import jax
+  import jax.numpy as jnp
+
   from bnjax.lab import build, models
 
-  has_conv = lambda config: models.has_convolutions(build.model(config))
+  has_conv = lambda config: models.has_convolutions(
+      build.model(config), jax.ShapeDtypeStruct(models.SAMPLE_SHAPES[config.dataset], jnp.float32))
   per_device = lambda g: [list(g[i : i + num_devices]) for i in range(0, len(g), num_devices)]
   return [part for g in groups for part in (per_device(g) if has_conv(g[0]) else [list(g)])]
 
