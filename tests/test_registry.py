@@ -93,6 +93,9 @@ def test_an_option_the_builder_does_not_take_is_refused_naming_the_flag():
     C.make(C.with_model_defaults({'model': 'resnet20', 'dropout_placement': 'end', 'dropout_rate': 0.5}))
   with pytest.raises(ValueError, match='--activation=.sigmoid.'):
     C.make(C.with_model_defaults({'model': 'user_models:build_nnx', 'activation': 'sigmoid'}))
+  with pytest.raises(ValueError, match="--conv_impl='cpu_fast' is invalid with --model=mnist_mlp"):
+    models.get('mnist_mlp', conv_impl='cpu_fast')
+  models.get('mnist_mlp', conv_impl=''.join(['x', 'la']))  # its default, as an equal string (read from JSON)
 
 
 # ----------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def _check_layers(layers) -> None:
 
 def _is_default(value, default) -> bool:
   """True for a concrete value equal to the default (a traced value may be anything)."""
-  return value is default or (isinstance(value, (int, float, bool, np.number)) and value == default)
+  return value is default or (isinstance(value, (int, float, bool, str, np.number)) and value == default)
 
 
 def _is_zero(value) -> bool:
