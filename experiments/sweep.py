@@ -77,6 +77,10 @@ def main(argv):
   if not configs:
     raise ValueError('no valid run in the grid: ' + ' | '.join(notes))
   groups = sweep.group_runs(configs, FLAGS.max_group_size)
+  from bnjax.lab import build
+
+  for group in groups:  # each group's model is built once now: a user's builder that raises fails before any work
+    build.model(group[0])
   sweep_dir = Path(FLAGS.sweep_dir or Path('runs') / 'sweeps' / (FLAGS.preset or 'grid'))
   command = ' '.join(shlex.quote(a) for a in ['python', 'experiments/sweep.py'] + sys.argv[1:])
   print(f'{len(configs)} runs in {len(groups)} group(s) (one compiled program each) -> {sweep_dir}')

@@ -83,8 +83,9 @@ def train(configs: dict, root: Path) -> int:
     raise ValueError('a multi-process run needs --workdir: the same folder on every process (shared storage).')
   multiple = len(configs) > 1
   configs = {name: dataclasses.replace(c, workdir=str(root / name if multiple else root)) for name, c in configs.items()}
-  for config in configs.values():  # every variant's folder is checked before anything loads
+  for config in configs.values():  # every variant's folder and model are checked before anything loads
     experiment.check_workdir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    build.model(config)  # a user's builder that raises: one line now, not after the data loads
   dataset = build.dataset(first, put=jax.device_put if jax.process_count() == 1 else None)
   print(f'{first.dataset}: {dataset.train_images.shape[0]} train, {dataset.val_images.shape[0]} validation, '
         f'{dataset.test_images.shape[0]} test examples from {dataset.source}; on {jax.devices()[0].device_kind}')
