@@ -217,6 +217,12 @@ def _is_model(value) -> bool:
   return registry.is_model(value)
 
 
+def _model_expected() -> str:
+  from bnjax.lab import registry
+
+  return registry.MODEL_EXPECTED
+
+
 def _model_help() -> str:
   from bnjax.lab import registry
 
@@ -266,9 +272,7 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     _o('augment', bool, False, 'CIFAR-10 augmentation on device: random crop with 4-pixel padding, horizontal flip.',
        'data'),
     # Model.
-    _o('model', str, 'mnist_mlp', _model_help(), 'model', check=_is_model,
-       expected='a registered model (mnist_mlp, cifar_cnn, mlp_bn_paper, resnet20, resnet32, resnet56, or an old '
-       'name) or the import path of a builder, package.module:function'),
+    _o('model', str, 'mnist_mlp', _model_help(), 'model', check=_is_model, expected=_model_expected()),
     _o('norm', str, 'bn', 'Norm kind: ' + '; '.join(f'{k.name}: {k.help}' for k in NORM_KINDS.values()) + '.',
        'model', choices=lambda: tuple(NORM_KINDS)),
     _o('conv_impl', str, 'xla', "Convolution layers: xla (flax.linen.Conv, nn.max_pool); cpu_fast (bnjax.lab.conv: "
