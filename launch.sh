@@ -3,11 +3,12 @@
 #
 #   ./launch.sh mnist_plain_vs_bn [flags]   the main job: MNIST MLP, plain vs BN (the source's study; old name seed000)
 #   ./launch.sh STUDY [flags]     any named study (./launch.sh list lists them with their settings):
-#                                 cifar_cnn (seed003), the sweeps momentum | batch_size | momentum_batch_size |
+#                                 cifar_cnn (seed003), cifar_resnet20 (He et al.'s recipe), the sweeps momentum | batch_size | momentum_batch_size |
 #                                 dropout | renorm, and the reproductions of docs/results.md repro_seed000 |
 #                                 repro_seed003 | repro_fig1 | repro_momentum_batch | repro_dropout | repro_renorm |
 #                                 repro_bug | repro_all (CPU budget; --budget=full for the source's)
 #   ./launch.sh train [flags]     any single experiment: experiments/train.py with your flags
+#                                 (--model=resnet20: its recipe; --model=package.module:build: your own model)
 #   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seed=0,1 ...
 #   ./launch.sh report CSV        rebuild a sweep's report.md from its results.csv
 #   ./launch.sh demo              the functional API in a few lines

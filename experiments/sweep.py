@@ -7,7 +7,9 @@ r"""Sweep BN hyperparameters: a grid of runs, trained K at a time as one vmapped
 
 Every option of the table (`bnjax.lab.options`) is a flag taking
 comma-separated values; one value sets it for every run, several make an axis
-of the grid. Re-running the same command in the same --sweep_dir skips
+of the grid. Without a preset, each run's `--model` (a registered name or the
+import path of your own builder) gives its own training settings as the
+defaults of the flags not given (`--model=resnet20`: He et al.'s recipe). Re-running the same command in the same --sweep_dir skips
 finished runs. Outputs: <sweep_dir>/runs/<run_id>.json and runs/<run_id>/
 (metrics.jsonl, TensorBoard), results.csv, report.md and PNGs.
 """
@@ -72,10 +74,15 @@ def main(argv):
     given = {k: v if isinstance(v, list) else [v] for k, v in settings.items()}
   base = studies.config_lib.unchecked({k: v[0] for k, v in given.items() if len(v) == 1})
   grid = {k: v for k, v in given.items() if len(v) > 1}
-  configs, notes = sweep.expand_grid(base, grid, finalize)
+  # Without a preset, each run's model gives the defaults of the options not given (its own training settings).
+  configs, notes = sweep.expand_grid(base, grid, finalize, given=None if FLAGS.preset else set(given))
   if not configs:
     raise ValueError('no valid run in the grid: ' + ' | '.join(notes))
   groups = sweep.group_runs(configs, FLAGS.max_group_size)
+  from bnjax.lab import build
+
+  for group in groups:  # each group's model is built once now: a user's builder that raises fails before any work
+    build.model(group[0])
   sweep_dir = Path(FLAGS.sweep_dir or Path('runs') / 'sweeps' / (FLAGS.preset or 'grid'))
   command = ' '.join(shlex.quote(a) for a in ['python', 'experiments/sweep.py'] + sys.argv[1:])
   print(f'{len(configs)} runs in {len(groups)} group(s) (one compiled program each) -> {sweep_dir}')

@@ -5,10 +5,15 @@ r"""Train one model, or a named comparison of single runs (a study such as mnist
     python experiments/train.py --model=mnist_mlp --norm=renorm --batch_size=8 \
         --renorm_clipping=warmup --renorm_warmup_steps=500 --rmax_end_step=4000 --dmax_end_step=2500
     python experiments/train.py --norm=bn --update_stats=false --eval_stats=moving   # the classic bug
+    python experiments/train.py --model=resnet20                # ResNet-20 with He et al.'s CIFAR-10 recipe
+    python experiments/train.py --model=my_package.nets:build --norm=renorm   # your own Flax module
 
 Every option of the table (`bnjax.lab.options`) is a flag of the same name
 (`--helpfull` lists them with their help); flags given beside `--preset`
-override it. Outputs go to `--workdir` (default: runs/<preset or model>-<time>);
+override it. `--model` is a registered model or the import path of your own
+builder (`--model=my_package.nets:build`); the model's own training settings
+are the defaults (`--model=resnet20` alone trains He et al.'s CIFAR-10
+recipe), and every flag overrides them. Outputs go to `--workdir` (default: runs/<preset or model>-<time>);
 a workdir that holds another run is refused (`--resume` continues it,
 `--overwrite` replaces it). Errors end in one line (`--verbose`: traceback).
 """
@@ -38,7 +43,8 @@ cli.define_option_flags(lists=False)
 
 
 def default_workdir(preset: str | None, settings: dict) -> str:
-  name = preset or f'{settings.get("model", config_lib.DEFAULTS.model)}-{settings.get("norm", "bn")}'
+  model = settings.get('model', config_lib.DEFAULTS.model).replace(':', '.')  # an import path: a plain folder name
+  name = preset or f'{model}-{settings.get("norm", "bn")}'
   return str(Path('runs') / f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
 
 
@@ -60,7 +66,7 @@ def main(argv):
                for name, fields in studies.PRESET_VARIANTS[study.name].items()}
   else:
     root = Path(settings.pop('workdir', None) or default_workdir(None, settings))
-    configs = {'run': config_lib.make(settings)}
+    configs = {'run': config_lib.make(config_lib.with_model_defaults(settings))}
   try:
     return train(configs, root)
   finally:
@@ -82,9 +88,11 @@ def train(configs: dict, root: Path) -> int:
     raise ValueError('a multi-process run needs --workdir: the same folder on every process (shared storage).')
   multiple = len(configs) > 1
   configs = {name: dataclasses.replace(c, workdir=str(root / name if multiple else root)) for name, c in configs.items()}
-  # Every variant's folder is locked (until this process ends) and checked before anything loads.
+  # Every variant's folder is locked (until this process ends) and checked, and its model built, before anything
+  # loads (a user's builder that raises: one line now, not after the data loads).
   for config in configs.values():
     experiment.check_workdir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    build.model(config)
   dataset = build.dataset(first, put=jax.device_put if jax.process_count() == 1 else None)
   print(f'{first.dataset}: {dataset.train_images.shape[0]} train, {dataset.val_images.shape[0]} validation, '
         f'{dataset.test_images.shape[0]} test examples from {dataset.source}; on {jax.devices()[0].device_kind}')

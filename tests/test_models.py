@@ -44,15 +44,15 @@ def _train_apply(model, variables, x, seed=1, mutable=('batch_stats',), **kwargs
 
 
 def test_registry_names_and_defaults():
-  assert set(models.names()) == {'mnist_mlp', 'cifar_cnn', 'mlp_bn_paper'}
+  assert set(models.names()) == {'mnist_mlp', 'cifar_cnn', 'mlp_bn_paper', 'resnet20', 'resnet32', 'resnet56'}
   for name in models.names():
     config = models.defaults(name)
     assert set(config) == {'model', 'train'}
     assert config['train']['dataset'] in ('mnist', 'cifar10')
-    assert isinstance(models.get(name, **config['model']), models.Net)
+    assert isinstance(models.get(name, **config['model']), models.LabModel)
   config = models.defaults('mlp_seed')  # the old name
   config['train']['batch_size'] = 1
-  assert models.defaults('mnist_mlp')['train'] == dict(
+  assert models.defaults('mnist_mlp')['train'] == dict(  # the old name's copy was fresh
       dataset='mnist', optimizer='adam', learning_rate=1e-3, batch_size=500, epochs=20
   )
   assert models.defaults('cnn_seed')['train']['learning_rate'] == 1e-4
@@ -60,7 +60,7 @@ def test_registry_names_and_defaults():
 
 
 INVALID_MODELS = [
-    (('resnet',), {}, "'mnist_mlp'"),
+    (('resnet',), {}, 'mnist_mlp, '),
     (('mlp_seed',), dict(dropout_position='end'), 'dropout_placement'),
     (('mlp_seed',), dict(norm='batchnorm'), "'renorm'"),
     (('mlp_seed',), dict(dropout_placement='after'), "'after_norm'"),

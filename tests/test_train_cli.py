@@ -58,7 +58,7 @@ INVALID_FLAGS = [
     (['--norm=bn', '--rmax=2'], '--rmax=2.0'),
     (['--dropout_placement=end', '--dropout_rate=1.0'], '--dropout_rate=1.0'),
     (['--norm=batchnorm'], 'norm'),
-    (['--model=resnet'], '--model=resnet: value should be one of'),
+    (['--model=resnet'], "--model='resnet' is invalid: expected a registered model (mnist_mlp"),
     (['--preset=seed999'], "--preset='seed999'"),
     (['--epochs=0'], '--epochs=0'),
     (['--resume'], '--resume needs the --workdir'),

@@ -20,7 +20,8 @@ from bnjax.lab.config import dataset_key  # noqa: F401  (re-exported)
 
 
 def model(config: TrainConfig) -> nn.Module:
-  """The configured Flax module: the architecture, and the norm kind with the options it takes.
+  """The configured Flax module (`bnjax.lab.models.LabModel`): the model's builder, and the norm kind with
+  the options it takes.
 
   The norm layer options come from the option table: each option the kind
   takes (`NORM_KINDS[norm].options`) that is a layer argument, with
@@ -85,23 +86,35 @@ def learning_rate(config: TrainConfig, total_steps: int) -> optax.Schedule:
   return optax.constant_schedule(peak)
 
 
-def optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def weight_decay_mask(config: TrainConfig, norm_paths):
+  """optax's `mask` of the weight decay: None (every parameter decays), or with `--norm_weight_decay=false`
+  a function leaving the parameters of the norm layers at `norm_paths` (`models.norm_layer_paths`) alone."""
+  if config.norm_weight_decay or not config.weight_decay:
+    return None
+  if norm_paths is None:
+    raise ValueError('--norm_weight_decay=false needs the paths of the norm layers (models.norm_layer_paths).')
+  return models.norm_parameter_mask(norm_paths)
+
+
+def optimizer(config: TrainConfig, total_steps: int, norm_paths=None) -> optax.GradientTransformation:
   """adam (adamw with --weight_decay) | sgd | momentum (heavy ball), with the learning-rate schedule.
 
   The learning rate is an injected hyperparameter (`opt_state.hyperparams`),
-  so K vmapped runs can each hold their own.
+  so K vmapped runs can each hold their own. `norm_paths`: the model's norm
+  layers (`models.norm_layer_paths`), needed with `--norm_weight_decay=false`.
   """
   lr = learning_rate(config, total_steps)
+  mask = weight_decay_mask(config, norm_paths)
 
   def make(learning_rate):
     if config.optimizer == 'adam':
       if config.weight_decay:
-        return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=mask)
       return optax.adam(learning_rate)
     momentum = config.optimizer_momentum if config.optimizer == 'momentum' else None
     sgd = optax.sgd(learning_rate, momentum=momentum)
     if config.weight_decay:
-      return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
+      return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask), sgd)
     return sgd
 
   return optax.inject_hyperparams(make)(learning_rate=lr)

@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any, Iterable
 
-from bnjax.lab import architectures
+from bnjax.lab import registry
 from bnjax.lab.options import NORM_KINDS, OPTIONS, SETTING, VALUE, Option, norm_kind
 
 
@@ -70,7 +70,7 @@ def canonical(config):
   dropout are dropped.
   """
   reset = {name: OPTIONS[name].default for name in FIELDS if not uses(config, name)}
-  reset['model'] = architectures.canonical_name(config.model)
+  reset['model'] = registry.canonical_name(config.model)
   for name, option in OPTIONS.items():
     if option.spelling is not None and name not in reset:
       reset[name] = option.spelling(getattr(config, name))
@@ -197,6 +197,9 @@ def _check_unused(config, option: Option) -> None:
     takers = [k.name for k in NORM_KINDS.values() if option.name in k.options]
     _fail(option.name, value, f'its default with --norm={config.norm} (it is an option of '
           f'{", ".join(f"--norm={k}" for k in takers) or "no norm kind"})')
+  if option.builder_arg and not registry.takes(config.model, option.name):
+    _fail(option.name, value, f'its default with --model={config.model} (its builder does not take '
+          f'{registry.BUILDER_ARGUMENTS[option.name]})')
   _fail(option.name, value, f'its default unless {option.needs} (this run does not use it)')
 
 
@@ -205,7 +208,7 @@ def _check_norm_widths(config) -> None:
   if kind.check_width is None:
     return
   options = {name: getattr(config, name) for name in kind.options}
-  for width in architectures.block_widths(architectures.get(config.model).layers):
+  for width in registry.entry(config.model).widths:
     error = kind.check_width(width, options)
     if error:
       raise ValueError(f'--norm={config.norm} cannot normalize the {width}-feature layers of --model={config.model}: '
@@ -216,6 +219,7 @@ def validate(config):
   """Checks every value and combination; raises ValueError naming the flag. Returns the config."""
   for option in OPTIONS.values():
     _check_option(config, option)
+  registry.resolve(config.model)  # an import path imports, its builder is checked: one line naming --model
   for option in OPTIONS.values():
     _check_unused(config, option)
   kind = norm_kind(config.norm)
@@ -243,7 +247,7 @@ def validate(config):
     _fail('virtual_batch_size', config.virtual_batch_size, f'a positive divisor of --batch_size={config.batch_size}')
   if config.augment and config.dataset != 'cifar10':
     _fail('augment', config.augment, 'false unless --dataset=cifar10')
-  image_dataset = architectures.IMAGE_DATASET[architectures.canonical_name(config.model)]
+  image_dataset = registry.entry(config.model).dataset
   if image_dataset is not None and config.dataset != image_dataset:
     _fail('model', config.model, f'a model for --dataset={config.dataset} ({config.model} takes {image_dataset} images)')
   _check_norm_widths(config)
@@ -278,6 +282,24 @@ def unchecked(settings: dict[str, Any] | None = None, *, base=None):
 def make(settings: dict[str, Any] | None = None, *, base=None):
   """A validated config from `{name: value}` over `base` (default: the defaults); unknown names are an error."""
   return validate(unchecked(settings, base=base))
+
+
+def with_model_defaults(settings: dict[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
+  """`settings` over the model's own training settings (`bnjax.lab.registry.Entry.train`): the run's defaults.
+
+  Every setting given wins. A length given (`steps` or `epochs`) replaces the
+  model's other one; a model default that the resulting run does not use (e.g.
+  BN momentum with `--norm=group`) is dropped. `keep`: names whose given
+  values stand even if not in `settings` (a study's budget).
+  """
+  given = set(settings) | set(keep)
+  own = registry.defaults(settings.get('model', DEFAULTS.model))
+  for length, other in (('steps', 'epochs'), ('epochs', 'steps')):
+    if length in given:
+      own.pop(other, None)
+  own = {name: value for name, value in own.items() if name not in given}
+  config = unchecked({**own, **settings})
+  return {**{name: value for name, value in own.items() if uses(config, name)}, **settings}
 
 
 def dataset_key(config) -> tuple:

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 
 from bnjax import linen as bnflax
 from bnjax import norm as norm_lib
+from bnjax.lab import models
+from bnjax.lab.models import subtree
 
 Array = jnp.ndarray
 
@@ -60,7 +62,7 @@ def probes(
   else:
     _, state = model.apply(variables, images, train=False, hparams=hparams, probe_unit=probe_unit,
                            mutable=['probes'])
-  return state['probes']
+  return state.get('probes', {})
 
 
 def with_batch_statistics(model: nn.Module, variables: Mapping[str, Any], images: Array,
@@ -95,8 +97,11 @@ def variance_shift(
 ) -> dict[str, Array | None]:
   """Variance shift of every block's norm-layer input (see the module docstring).
 
+  The moving variance of block i is that of the i-th norm layer the model
+  calls, found by its type (`bnjax.lab.models.norm_layer_paths`).
+
   Args:
-    model: a `bnjax.lab.models.Net`.
+    model: a `bnjax.lab.models.LabModel`.
     variables: `{'params': ..., 'batch_stats': ...}` of the trained model.
     images: `[N, ...]` examples to measure on (e.g. a slice of the test set).
     rng: the dropout key of the train-mode pass.
@@ -112,14 +117,17 @@ def variance_shift(
   train = probes(model, variables, images, train=True, rng=rng, hparams=hparams)
   infer = probes(model, variables, images, train=False, hparams=hparams)
   names = _block_names(infer)
+  if not names:  # a model without norm layers (nor the seed models' blocks) has nothing to measure
+    return {'train_over_eval': None, 'moving_over_eval': None}
   eval_var = [infer[name]['norm_input']['var'] + epsilon for name in names]
   train_over_eval = jnp.stack([_geometric_mean((train[name]['norm_input']['var'] + epsilon) / var)
                                for name, var in zip(names, eval_var)])
   stats = variables.get('batch_stats') or {}
   moving_over_eval = None
-  if stats:
-    moving = [norm_lib.moving_statistics(bnflax.norm_state(stats[f'norm_{name.rsplit("_", 1)[1]}']), epsilon)[1]
-              for name in names]
+  layers = [subtree(stats, path) for path in models.norm_layer_paths(model, images[:1])]
+  layers = [layer for layer in layers if layer]
+  if stats and len(layers) == len(names):
+    moving = [norm_lib.moving_statistics(bnflax.norm_state(layer), epsilon)[1] for layer in layers]
     moving_over_eval = jnp.stack([_geometric_mean((m + epsilon) / var) for m, var in zip(moving, eval_var)])
   return {'train_over_eval': train_over_eval, 'moving_over_eval': moving_over_eval}
 

@@ -118,7 +118,7 @@ def train_step(
       statistics but never keep the updated moving statistics.
     augment: optional `(key, images) -> images`, applied on device.
     freeze_norm: frozen BN: the norm layers normalize with (and keep) their
-      moving statistics (`bnjax.lab.models.Net`).
+      moving statistics (`bnjax.lab.models.LabModel`).
     axis_name: data parallelism (see `bnjax.lab.parallel`): the step runs under
       `shard_map` on one shard of the global batch per device along this
       mapped axis, with the state replicated. The loss is the local sum over
@@ -211,17 +211,18 @@ STEP_LOOPS = ('auto', 'scan', 'python')
 EVAL_STATS = ('moving', 'batch')
 
 
-def step_loop_for(model: nn.Module, choice: str = 'auto', backend: str | None = None) -> str:
+def step_loop_for(model: nn.Module, choice: str = 'auto', backend: str | None = None, sample=None) -> str:
   """'scan' or 'python': how to drive the steps of an epoch (see the module docstring).
 
-  'auto' is 'python' for models with convolutions on the CPU backend, 'scan' otherwise.
+  'auto' is 'python' for models with convolutions on the CPU backend, 'scan' otherwise (`sample [N, ...]`:
+  an input the model is traced on to find its convolutions; default an image of its data set).
   """
   if choice not in STEP_LOOPS:
     raise ValueError(f'step_loop={choice!r}: expected one of {STEP_LOOPS}.')
   if choice != 'auto':
     return choice
   on_cpu = (backend or jax.default_backend()) == 'cpu'
-  return 'python' if models.has_convolutions(model) and on_cpu else 'scan'
+  return 'python' if on_cpu and models.has_convolutions(model, sample) else 'scan'
 
 
 def make_train_steps(

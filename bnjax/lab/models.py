@@ -1,4 +1,4 @@
-"""The study models: one registry of named Flax modules and their default hyperparameters.
+"""The lab's models as Flax modules: `LabModel` around any builder, and the seed models' `Net`.
 
     model = bnjax.lab.models.get('mlp_seed', norm='bn', dropout_placement='end')
     variables = model.init(key, x)                       # {'params', 'batch_stats'}
@@ -6,12 +6,23 @@
                                   mutable=['batch_stats'])
     logits = model.apply({**variables, **updates}, x)    # evaluation
 
-Every model is a `Net`: a stack of *norm blocks* (a Dense or 3x3 Conv layer,
+`get(name)` gives a `LabModel`: the module of a builder of the registry
+(`bnjax.lab.registry`: a name, or an import path `package.module:build`)
+with the lab's options. The builder's module is built inside the call with
+the norm layers of `norm_layer` (the one function that builds them, from the
+option table, with the run's norm options and call-time values) and shares
+the `LabModel`'s scope, so its variables are its own (`params['linear_0']`).
+Norm layers are found by their module type (`NORM_LAYER_TYPES`), never by
+their names: frozen BN, the probes of models without their own, and the
+weight-decay mask (`norm_layer_paths`, `norm_parameter_mask`).
+
+The seed models are `Net`s: a stack of *norm blocks* (a Dense or 3x3 Conv layer,
 its normalization and its activation, in the order `norm_position` says),
 with flatten and max-pool steps between them, and a Dense classifier `head`.
-The output is logits: the softmax belongs to the loss.
+The output is logits: the softmax belongs to the loss. ResNet-20/32/56 are
+`bnjax.lab.resnet.ResNet`.
 
-Models (`names()`; `defaults(name)` gives the options and the source's
+Models (`names()`; `defaults(name)` gives the options and the model's own
 training hyperparameters):
 - `mlp_seed`: the MNIST MLP of the source: Flatten -> 6 blocks of Dense 256,
   128, 512, 64, 128, 256 -> Dense 10. 376,650 parameters without norm;
@@ -26,7 +37,7 @@ Linear layers keep their bias even before BN (Keras's default: the counts
 above include them) and are initialised as in Keras (`glorot_uniform`
 weights, zero biases) unless `kernel_init` says otherwise.
 
-Options (fields of `Net`; `get` checks them):
+Options (fields of `LabModel`, each given to the builder that takes it; `get` checks them):
 - structure: `norm` none | bn | renorm | ghost (ghost needs
   `virtual_batch_size`; renorm may have one too: ghost renorm), `activation`
   relu | swish | sigmoid, `norm_position` before_activation | after_activation,
@@ -77,6 +88,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import flax
@@ -86,7 +99,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import moments as moments_lib
-from bnjax.lab import architectures
 from bnjax.lab import conv as conv_lib
 from bnjax.lab import options as options_lib
 
@@ -169,7 +181,7 @@ def count_parameters(variables: Mapping) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# The module.
+# Checks.
 
 
 def _check_choice(option: str, value: Any, choices) -> None:
@@ -195,7 +207,7 @@ def _check_layers(layers) -> None:
 
 def _is_default(value, default) -> bool:
   """True for a concrete value equal to the default (a traced value may be anything)."""
-  return value is default or (isinstance(value, (int, float, bool, np.number)) and value == default)
+  return value is default or (isinstance(value, (int, float, bool, str, np.number)) and value == default)
 
 
 def _is_zero(value) -> bool:
@@ -203,45 +215,269 @@ def _is_zero(value) -> bool:
   return isinstance(value, (int, float, np.number)) and value == 0
 
 
+# ----------------------------------------------------------------------------
+# Norm layers: built by one function from the option table, found by their type.
+
+
+def norm_layer(kind: str, options: Mapping[str, Any], axis_name: Any = None) -> Callable[..., Callable]:
+  """The norm-layer factory a builder receives: `factory(name=None) -> layer`, `layer(x, use_running_average)`.
+
+  Args:
+    kind: a norm kind of the option table (`bnjax.lab.options.NORM_KINDS`).
+    options: values of the kind's layer options (numbers, call-time arrays
+      of a vmapped sweep, or schedules); the table's defaults fill the rest.
+    axis_name: the data-parallel axis of cross-device kinds (synchronized BN).
+
+  With `kind='none'` every layer is the identity (and creates no variables).
+  """
+  norm_kind = options_lib.norm_kind(kind)
+  if norm_kind.layer is None:
+    return lambda name=None: _identity
+  layer_options = {option: options.get(option, options_lib.OPTIONS[option].default)
+                   for option in norm_kind.options if options_lib.OPTIONS[option].layer_arg}
+  if norm_kind.cross_device:
+    layer_options['axis_name'] = axis_name
+  return lambda name=None: norm_kind.layer(layer_options, name)
+
+
+def _identity(x: Array, use_running_average: bool | None = None) -> Array:
+  return x
+
+
+def _import_type(path: str) -> type:
+  import importlib
+
+  module, _, attribute = path.partition(':')
+  return getattr(importlib.import_module(module), attribute)
+
+
+# The module types that are norm layers (the table's `NormKind.layer_types`): the probes, frozen BN and the
+# weight-decay mask find norm layers by these types, whatever their names.
+NORM_LAYER_TYPES = tuple(dict.fromkeys(_import_type(path) for kind in options_lib.NORM_KINDS.values()
+                                       for path in kind.layer_types))
+
+
+def is_norm_layer(module: Any) -> bool:
+  return isinstance(module, NORM_LAYER_TYPES)
+
+
+def _takes_running_average(module: nn.Module) -> bool:
+  return hasattr(module, 'use_running_average')
+
+
+class _NormCalls:
+  """An interceptor of norm-layer calls (`flax.linen.intercept_methods`): records each layer's path and
+  input in call order, and with `freeze` makes layers with moving statistics use them (frozen BN)."""
+
+  def __init__(self, freeze: bool = False):
+    self.freeze = freeze
+    self.paths: list[tuple] = []
+    self.inputs: list[Array] = []
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or not is_norm_layer(module):
+      return next_fun(*args, **kwargs)
+    self.paths.append(tuple(module.path))
+    self.inputs.append(args[0])
+    if self.freeze and _takes_running_average(module):
+      args, kwargs = args[:1], {**kwargs, 'use_running_average': True}
+    return next_fun(*args, **kwargs)
+
+
+def norm_layer_paths(model: nn.Module, sample: Array) -> list[tuple]:
+  """The paths (tuples of names) of `model`'s norm layers, in call order, found by type on a `sample [N, ...]`.
+
+  Traced abstractly (`jax.eval_shape`): no computation.
+  """
+  calls = _NormCalls()
+
+  def init(x):
+    with nn.intercept_methods(calls):
+      return model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, x, train=False)
+
+  jax.eval_shape(init, sample)
+  return list(dict.fromkeys(calls.paths))
+
+
+def norm_parameter_mask(paths: list[tuple]) -> Callable[[Any], Any]:
+  """`params -> pytree of bool`: False for the parameters of the norm layers at `paths`, True elsewhere
+  (optax's `mask`: weight decay then leaves the norm layers' scale and bias alone)."""
+  prefixes = [tuple(path) for path in paths]
+
+  def mask(params):
+    import flax.traverse_util as traverse
+
+    return traverse.path_aware_map(
+        lambda path, _: not any(tuple(path[: len(p)]) == p for p in prefixes), params)
+
+  return mask
+
+
+def subtree(tree: Mapping, path: tuple) -> Any:
+  """`tree[path[0]][path[1]]...`, or None when a name is missing."""
+  for name in path:
+    if not isinstance(tree, Mapping) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+# ----------------------------------------------------------------------------
+# The seed models: norm blocks and a Dense classifier (the step language of the source's models).
+
+
 class Net(nn.Module):
-  """Norm blocks and a Dense classifier; see the module docstring for every option.
+  """Norm blocks and a Dense classifier; see the module docstring.
 
-  Call: `logits = Net(...)(x, train=False, *, hparams=None, probe_unit=0)`.
-  x: `[N, ...]` images (`[N, 28, 28(, 1)]` for the MLPs, flattened;
-  `[N, 32, 32, 3]` for the CNN); logits `[N, num_classes]` (no softmax:
-  the loss applies it, e.g. `optax.softmax_cross_entropy`). `train=True`
-  uses batch statistics (`batch_stats` must be mutable) and dropout (rng
-  collection 'dropout'). `hparams`: values that override the options named in
-  `HPARAMS`. `probe_unit`: the unit whose percentiles the probes take.
-  `freeze_norm=True` (with `train`): frozen BN (Wu & Johnson 2021): the norm
-  layers normalize with their moving statistics and leave them unchanged,
-  while dropout still trains.
-
-  The norm layer comes from the norm kind's table entry
-  (`bnjax.lab.options.NORM_KINDS`); `norm_options` holds the norm options
-  given (numbers, arrays or schedules), the table's defaults fill the rest.
+  Call: `logits = Net(...)(x, train=False, *, probe_unit=0)`; x `[N, ...]`,
+  logits `[N, num_classes]`. `norm` is the factory of `norm_layer`,
+  `activation` a function, `dropout` a function `(x, train) -> x` (None: no
+  dropout); `LabModel` gives them.
   """
 
   layers: tuple
+  num_classes: int = 10
+  norm: Callable[..., Callable] = norm_layer('none', {})
+  activation: Callable[[Array], Array] = nn.relu
+  norm_position: str = 'before_activation'
+  dropout: Callable[[Array, bool], Array] | None = None
+  dropout_placement: str = 'none'
+  kernel_init: str = 'glorot_uniform'
+  conv_impl: str = 'xla'
+
+  def __post_init__(self):
+    _check_layers(self.layers)
+    _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
+    _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
+    _check_choice('kernel_init', self.kernel_init, tuple(KERNEL_INITS))
+    _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
+    super().__post_init__()
+
+  def _dropout(self, x: Array, train: bool) -> Array:
+    return x if self.dropout is None else self.dropout(x, train)
+
+  def _block(self, index, step, x, train, probe_unit) -> Array:
+    """Linear -> [dropout] -> norm -> activation (or linear -> activation -> [dropout] -> norm) -> [dropout]."""
+    kind, features = step
+    kernel_init = KERNEL_INITS[self.kernel_init]
+    if kind == 'dense':
+      linear = nn.Dense(features, kernel_init=kernel_init, name=f'linear_{index}')
+    else:
+      conv = conv_lib.Conv if self.conv_impl == 'cpu_fast' else nn.Conv
+      linear = conv(features, (3, 3), padding='SAME', kernel_init=kernel_init, name=f'linear_{index}')
+    norm = self.norm(name=f'norm_{index}')
+    probes = {}
+    x = linear(x)
+    order = ('norm', 'activation') if self.norm_position == 'before_activation' else ('activation', 'norm')
+    for stage in order:
+      if stage == 'norm':
+        if self.dropout_placement == 'before_norm':
+          x = self._dropout(x, train)
+        probes['norm_input'] = x
+        x = norm(x, use_running_average=not train)
+      else:
+        probes['activation_input'] = x
+        x = self.activation(x)
+    if self.dropout_placement == 'after_norm':
+      x = self._dropout(x, train)
+    if self.is_mutable_collection('probes') and not self.is_initializing():
+      self.sow(
+          'probes', f'block_{index}',
+          {site: probe_statistics(value, probe_unit) for site, value in probes.items()},
+          init_fn=dict, reduce_fn=lambda _, new: new,
+      )
+    return x
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, *, probe_unit: int = 0) -> Array:
+    num_blocks = sum(step[0] in BLOCK_STEPS for step in self.layers)
+    index = 0
+    for step in self.layers:
+      if step[0] == 'flatten':
+        x = x.reshape(x.shape[0], -1)
+      elif step[0] == 'pool':
+        if self.conv_impl == 'cpu_fast':
+          x = conv_lib.max_pool(x, step[1])
+        else:
+          x = nn.max_pool(x, (step[1], step[1]), strides=(step[1], step[1]))
+      else:
+        x = self._block(index, tuple(step), x, train, probe_unit)
+        index += 1
+        if index == num_blocks and self.dropout_placement == 'end':
+          x = self._dropout(x, train)
+    return nn.Dense(self.num_classes, kernel_init=KERNEL_INITS[self.kernel_init], name='head')(x)
+
+
+def mlp_layers(widths) -> tuple:
+  return (('flatten',),) + tuple(('dense', width) for width in widths)
+
+
+def cnn_layers(channels, dense) -> tuple:
+  conv = tuple(step for c in channels for step in (('conv', c), ('conv', c), ('pool', 2)))
+  return conv + (('flatten',), ('dense', dense))
+
+
+def mlp(widths=(256, 128, 512, 64, 128, 256), *, layers=None, kernel_init='glorot_uniform', norm, activation,
+        norm_position, dropout, dropout_placement, num_classes=10) -> Net:
+  """The registry's builder of the MLPs: Flatten, a Dense block per width (`layers`: any steps instead)."""
+  return Net(layers or mlp_layers(widths), num_classes, norm, activation, norm_position, dropout, dropout_placement,
+             kernel_init)
+
+
+def cnn(channels=(32, 64, 128), dense=256, *, layers=None, kernel_init='glorot_uniform', norm, activation,
+        norm_position, dropout, dropout_placement, conv_impl='xla', num_classes=10) -> Net:
+  """The registry's builder of the CNN: 2 conv blocks and a max pool per channel count, a Dense block."""
+  return Net(layers or cnn_layers(channels, dense), num_classes, norm, activation, norm_position, dropout,
+             dropout_placement, kernel_init, conv_impl)
+
+
+# ----------------------------------------------------------------------------
+# Any builder's module, adapted to what the lab's programs call.
+
+
+class LabModel(nn.Module):
+  """A registered or user model (`bnjax.lab.registry`) with the lab's options; see the module docstring.
+
+  Call: `logits = model(x, train=False, *, hparams=None, probe_unit=0, freeze_norm=False)`.
+  The builder's module is built inside the call, with the norm layers of
+  `norm_layer` carrying `norm_options` and the call-time `hparams`, and shares
+  this module's scope: its variables are the builder module's own
+  (`params['linear_0']`, not nested). `freeze_norm=True` (with `train`):
+  frozen BN, every norm layer with moving statistics uses them and leaves
+  them unchanged. Probes: the builder module's own (`Net`), or else each norm
+  layer's input, as `probes['block_<i>']['norm_input']` in call order.
+  """
+
+  model: str = 'mnist_mlp'
+  model_options: Mapping[str, Any] = flax.core.FrozenDict()
   num_classes: int = 10
   norm: str = 'bn'
   activation: str = 'relu'
   norm_position: str = 'before_activation'
   dropout_placement: str = 'none'
   dropout_rate: float = 0.5
-  kernel_init: str = 'glorot_uniform'
   conv_impl: str = 'xla'
   norm_options: Mapping[str, Any] = flax.core.FrozenDict()
   axis_name: Any = None
 
   def __post_init__(self):
-    _check_layers(self.layers)
+    from bnjax.lab import registry
+
+    registry.resolve(self.model)
     _check_choice('norm', self.norm, tuple(options_lib.NORM_KINDS))
     _check_choice('activation', self.activation, tuple(ACTIVATIONS))
     _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
-    _check_choice('kernel_init', self.kernel_init, tuple(KERNEL_INITS))
     _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
+    for option in registry.BUILDER_ARGUMENTS:
+      if option == 'dropout_rate':  # a rate acts only with a placement, which is checked
+        continue
+      value = getattr(self, option)
+      default = LAB_DEFAULTS[option]
+      if not registry.takes(self.model, option) and not _is_default(value, default):
+        raise ValueError(f'--{option}={value!r} is invalid with --model={self.model}: its builder does not take '
+                         f'{registry.BUILDER_ARGUMENTS[option]!r} (leave it at {default!r}).')
     kind = options_lib.NORM_KINDS[self.norm]
     for name, value in self.norm_options.items():
       option = options_lib.OPTIONS.get(name)
@@ -276,124 +512,153 @@ class Net(nn.Module):
       raise ValueError(f'hparams has {unknown}; the values it may override are {list(HPARAMS)}.')
     return {'dropout_rate': self.dropout_rate, **self.norm_options, **hparams}
 
-  def _norm_layer(self, values: dict, name: str) -> Callable[[Array, bool], Array]:
-    kind = options_lib.NORM_KINDS[self.norm]
-    if kind.layer is None:
-      return lambda x, use_running_average: x
-    layer_options = {
-        option: values.get(option, options_lib.OPTIONS[option].default)
-        for option in kind.options if options_lib.OPTIONS[option].layer_arg
-    }
-    if kind.cross_device:
-      layer_options['axis_name'] = self.axis_name
-    return kind.layer(layer_options, name)
-
-  def _dropout(self, x: Array, train: bool, rate) -> Array:
-    if not train or _is_zero(rate):
+  def _dropout(self, rate, x: Array, train: bool) -> Array:
+    if not train or _is_zero(rate) or self.dropout_placement == 'none':
       return x
     return dropout(x, rate, self.make_rng('dropout'))
 
-  def _block(self, index, step, x, train, values, probe_unit, freeze_norm=False) -> Array:
-    """Linear -> [dropout] -> norm -> activation (or linear -> activation -> [dropout] -> norm) -> [dropout]."""
-    kind, features = step
-    kernel_init = KERNEL_INITS[self.kernel_init]
-    if kind == 'dense':
-      linear = nn.Dense(features, kernel_init=kernel_init, name=f'linear_{index}')
-    else:
-      conv = conv_lib.Conv if self.conv_impl == 'cpu_fast' else nn.Conv
-      linear = conv(features, (3, 3), padding='SAME', kernel_init=kernel_init, name=f'linear_{index}')
-    norm = self._norm_layer(values, f'norm_{index}')
-    activation = ACTIVATIONS[self.activation]
-    probes = {}
-    x = linear(x)
-    order = ('norm', 'activation') if self.norm_position == 'before_activation' else ('activation', 'norm')
-    for stage in order:
-      if stage == 'norm':
-        if self.dropout_placement == 'before_norm':
-          x = self._dropout(x, train, values['dropout_rate'])
-        probes['norm_input'] = x
-        x = norm(x, not train or freeze_norm)
-      else:
-        probes['activation_input'] = x
-        x = activation(x)
-    if self.dropout_placement == 'after_norm':
-      x = self._dropout(x, train, values['dropout_rate'])
-    if self.is_mutable_collection('probes') and not self.is_initializing():
-      self.sow(
-          'probes', f'block_{index}',
-          {site: probe_statistics(value, probe_unit) for site, value in probes.items()},
-          init_fn=dict, reduce_fn=lambda _, new: new,
-      )
-    return x
-
   @nn.compact
-  def __call__(
-      self, x: Array, train: bool = False, *, hparams: Mapping | None = None, probe_unit: int = 0,
-      freeze_norm: bool = False,
-  ) -> Array:
-    values = self._values(hparams)
-    num_blocks = sum(step[0] in BLOCK_STEPS for step in self.layers)
-    index = 0
-    for step in self.layers:
-      if step[0] == 'flatten':
-        x = x.reshape(x.shape[0], -1)
-      elif step[0] == 'pool':
-        if self.conv_impl == 'cpu_fast':
-          x = conv_lib.max_pool(x, step[1])
-        else:
-          x = nn.max_pool(x, (step[1], step[1]), strides=(step[1], step[1]))
-      else:
-        x = self._block(index, tuple(step), x, train, values, probe_unit, freeze_norm)
-        index += 1
-        if index == num_blocks and self.dropout_placement == 'end':
-          x = self._dropout(x, train, values['dropout_rate'])
-    return nn.Dense(self.num_classes, kernel_init=KERNEL_INITS[self.kernel_init], name='head')(x)
+  def __call__(self, x: Array, train: bool = False, *, hparams: Mapping | None = None, probe_unit: int = 0,
+               freeze_norm: bool = False) -> Array:
+    module = build_module(self, self._values(hparams))
+    nn.share_scope(self, module)
+    own_probes = 'probe_unit' in inspect.signature(module.__call__).parameters
+    calls = _NormCalls(freeze=freeze_norm)
+    with nn.intercept_methods(calls):
+      logits = module(x, train, probe_unit=probe_unit) if own_probes else module(x, train)
+    if not own_probes and self.is_mutable_collection('probes') and not self.is_initializing():
+      for index, value in enumerate(calls.inputs):
+        self.sow('probes', f'block_{index}', {'norm_input': probe_statistics(value, probe_unit)},
+                 init_fn=dict, reduce_fn=lambda _, new: new)
+    return logits
+
+
+def build_module(self: 'LabModel', values: Mapping[str, Any]) -> nn.Module:
+  """The builder's module of `LabModel` `self` for these option values (a function, not a method: called
+  outside a module, the module it returns is unbound; inside `LabModel.__call__`, it becomes its child)."""
+  from bnjax.lab import registry
+
+  entry = registry.resolve(self.model)
+  takes = registry.builder_arguments(self.model)
+  given = {
+      'norm': norm_layer(self.norm, values, self.axis_name),
+      'activation': ACTIVATIONS[self.activation],
+      'norm_position': self.norm_position,
+      'dropout': functools.partial(self._dropout, values['dropout_rate']),
+      'dropout_placement': self.dropout_placement,
+      'conv_impl': self.conv_impl,
+      'num_classes': self.num_classes,
+  }
+  arguments = {**entry.options, **self.model_options, **{k: v for k, v in given.items() if k in takes}}
+  try:
+    module = registry.builder(self.model)(**arguments)
+  except Exception as error:  # the user's builder: its failure as one line
+    raise ValueError(f'--model={self.model}: its builder raised {type(error).__name__}: {error}') from None
+  if not isinstance(module, nn.Module):
+    raise ValueError(f'--model={self.model}: its builder returned a {type(module).__name__}, not a Flax linen '
+                     'module (an NNX module: wrap it with flax.nnx.bridge.ToLinen).')
+  return module
+
+
+LAB_DEFAULTS = {field.name: field.default for field in dataclasses.fields(LabModel)
+                if field.init and field.name not in ('parent', 'name')}
+
+
+def check_norm_layers(model: nn.Module, paths: list[tuple]) -> None:
+  """A one-line error when a norm is asked for (`model.norm` other than none) and the model has no norm layer."""
+  from bnjax.lab import registry
+
+  norm = getattr(model, 'norm', 'none')
+  if norm != 'none' and not paths and registry.takes(model.model, 'norm'):
+    raise ValueError(f'--norm={norm} asks for norm layers, but --model={model.model} built none: its builder '
+                     'must call the norm factory it receives (or run it with --norm=none).')
+
+
+# An input of each data set, for tracing a model whose input is not given.
+SAMPLE_SHAPES = {'mnist': (1, 28, 28, 1), 'fashion_mnist': (1, 28, 28, 1), 'cifar10': (1, 32, 32, 3)}
+
+
+def has_convolutions(model: nn.Module, sample: Array | None = None) -> bool:
+  """Whether the model computes convolutions (any `flax.linen.Conv`), traced on `sample [N, ...]` (default: an
+  image of the model's data set) without computing."""
+  from bnjax.lab import registry
+
+  if sample is None:
+    dataset = registry.entry(model.model).dataset if isinstance(model, LabModel) else None
+    sample = jax.ShapeDtypeStruct(SAMPLE_SHAPES[dataset or 'mnist'], jnp.float32)
+  found = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv):
+      found.append(True)
+    return next_fun(*args, **kwargs)
+
+  def init(x):
+    with nn.intercept_methods(record):
+      return model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, x, train=False)
+
+  jax.eval_shape(init, sample)
+  return bool(found)
 
 
 # ----------------------------------------------------------------------------
-# The registry (`bnjax.lab.architectures`) as Flax modules.
-
-
-def has_convolutions(model: nn.Module) -> bool:
-  """Whether a `Net` (or any module with a `layers` tuple of steps) has convolution steps."""
-  return architectures.has_convolutions(getattr(model, 'layers', ()))
+# The registry's models by name.
 
 
 def names() -> tuple[str, ...]:
-  """The registered model names (their old names are accepted too: `architectures.ALIASES`)."""
-  return architectures.names()
+  """The registered model names (their old names are accepted too: `bnjax.lab.registry.ALIASES`)."""
+  from bnjax.lab import registry
+
+  return registry.names()
 
 
 def option_names(name: str) -> tuple[str, ...]:
-  """The option names `get(name, ...)` accepts: `Net`'s fields and every norm layer option."""
-  architectures.get(name)
-  fields = tuple(f.name for f in dataclasses.fields(Net) if f.init and f.name not in ('parent', 'name', 'norm_options'))
-  return fields + NORM_LAYER_OPTIONS
+  """The option names `get(name, ...)` accepts: the lab's options its builder takes, its builder's own
+  arguments, and every norm layer option."""
+  from bnjax.lab import registry
+
+  takes = registry.builder_arguments(name)
+  lab = tuple(option for option in LAB_DEFAULTS if option not in ('model', 'model_options', 'norm_options')
+              and (option not in registry.BUILDER_ARGUMENTS or registry.takes(name, option)))
+  own = tuple(sorted(arg for arg in takes if arg not in registry.LAB_ARGUMENTS))
+  return lab + own + NORM_LAYER_OPTIONS
 
 
 def defaults(name: str) -> dict:
-  """`{'model': every option of `get(name)`, 'train': the source's training hyperparameters}`, a fresh plain dict."""
-  arch = architectures.get(name)
+  """`{'model': the lab options of `get(name)`, 'train': the model's own training settings}`, a fresh dict."""
+  from bnjax.lab import registry
+
   model = get(name)
-  values = {key: getattr(model, key) for key in option_names(name) if key not in NORM_LAYER_OPTIONS}
+  values = {key: getattr(model, key) for key in option_names(name) if key in LAB_DEFAULTS and key != 'axis_name'}
   values.update({key: options_lib.OPTIONS[key].default for key in NORM_LAYER_OPTIONS})
-  return copy.deepcopy({'model': values, 'train': arch.train})
+  return copy.deepcopy({'model': values, 'train': registry.defaults(name)})
 
 
-def get(name: str, **overrides) -> nn.Module:
-  """The Flax module of model `name` (or an old name), its default options updated with `overrides`.
+def get(name: str, **overrides) -> LabModel:
+  """The Flax module of model `name` (a registry name, old name, or import path), with `overrides`.
 
-  Norm layer options (`NORM_LAYER_OPTIONS`: momentum, epsilon, rmax, ...)
-  may be given directly; they go to `Net.norm_options`.
+  Lab options (`norm`, `activation`, `dropout_placement`, ...) are `LabModel`
+  fields; norm layer options (`NORM_LAYER_OPTIONS`: momentum, epsilon, rmax,
+  ...) go to its `norm_options`; other names are the builder's own arguments
+  (e.g. `layers` of the seed models). The model's own settings
+  (`registry.Entry.train`) give the lab options' defaults.
 
   Raises:
     ValueError: for an unknown name, option or option value, listing the valid ones.
   """
-  arch = architectures.get(name)
+  from bnjax.lab import registry
+
+  entry = registry.resolve(name)
   valid = option_names(name)
-  unknown = sorted(set(overrides) - set(valid) - {'norm_options'})
+  unknown = sorted(set(overrides) - set(valid) - set(LAB_DEFAULTS))  # a lab option its builder lacks: LabModel says
   if unknown:
     raise ValueError(f'{name}: unknown option(s) {unknown}; the options are {list(valid)}.')
   norm_options = dict(overrides.pop('norm_options', {}))
   norm_options.update({key: overrides.pop(key) for key in NORM_LAYER_OPTIONS if key in overrides})
-  return Net(**{'layers': arch.layers, **arch.options, **overrides, 'norm_options': flax.core.FrozenDict(norm_options)})
+  model_options = dict(overrides.pop('model_options', {}))
+  model_options.update({key: overrides.pop(key) for key in list(overrides) if key not in LAB_DEFAULTS})
+  own = {key: value for key, value in entry.train.items() if key in LAB_DEFAULTS and key != 'model'}
+  model = LabModel(model=name, model_options=flax.core.FrozenDict(model_options),
+                   **{**own, **overrides}, norm_options=flax.core.FrozenDict(norm_options))
+  build_module(model, model._values(None))  # the builder's own checks (and failures) now, as one line, not mid-training
+  return model

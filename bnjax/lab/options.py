@@ -57,6 +57,8 @@ class Option:
     needs: what `when` asks for, in flags (for error messages).
     spelling: `value -> value`, the one spelling of values that mean the same
       (`.30` and `0.3` are one validation fraction, so one run).
+    builder_arg: a model option the model's builder must take
+      (`bnjax.lab.registry.BUILDER_ARGUMENTS`); unused with a model whose builder doesn't.
   """
 
   name: str
@@ -76,6 +78,7 @@ class Option:
   model_value: bool = False
   needs: str = ''
   spelling: Callable[[Any], Any] | None = None
+  builder_arg: bool = False
 
   def allowed(self) -> tuple | None:
     return self.choices() if callable(self.choices) else self.choices
@@ -100,6 +103,10 @@ class NormKind:
     check_width: optional `(features: int, options: dict) -> str | None`, an
       error text when the layer can't normalize `features` channels (e.g. a
       group count that doesn't divide them); checked before any data loads.
+    cross_device: the layer takes the data-parallel `axis_name` (synchronized statistics).
+    layer_types: the import paths (`module:Class`) of the Flax module types of
+      this kind's layers: the lab finds norm layers by these types (probes,
+      frozen BN, the weight-decay mask), in any model.
   """
 
   name: str
@@ -110,6 +117,7 @@ class NormKind:
   required: Mapping[str, str] = dataclasses.field(default_factory=dict)
   check_width: Callable[[int, dict], str | None] | None = None
   cross_device: bool = False
+  layer_types: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------
@@ -163,17 +171,21 @@ RENORM = ('renorm_momentum', 'rmax', 'dmax', 'renorm_clipping', 'renorm_warmup_s
 NORM_KINDS: dict[str, NormKind] = {kind.name: kind for kind in (
     NormKind('none', 'no normalization layer', None),
     NormKind('bn', 'batch normalization (Ioffe & Szegedy 2015)', _batch_norm_layer,
-             AFFINE + MOVING_AVERAGE, moving_statistics=True, cross_device=True),
+             AFFINE + MOVING_AVERAGE, moving_statistics=True, cross_device=True,
+             # flax's own BatchNorm too: a user's model may use it directly.
+             layer_types=('bnjax.linen:BatchNorm', 'flax.linen:BatchNorm')),
     NormKind('ghost', 'ghost batch norm (Hoffer et al. 2017): statistics per --virtual_batch_size examples',
              _batch_norm_layer, AFFINE + MOVING_AVERAGE + ('virtual_batch_size',), moving_statistics=True, cross_device=True,
-             required={'virtual_batch_size': 'a positive integer with --norm=ghost (the ghost batch size)'}),
+             required={'virtual_batch_size': 'a positive integer with --norm=ghost (the ghost batch size)'},
+             layer_types=('bnjax.linen:BatchNorm',)),
     NormKind('renorm', 'batch renormalization (Ioffe 2017); ghost renorm with --virtual_batch_size',
              _batch_renorm_layer, AFFINE + MOVING_AVERAGE + RENORM + ('virtual_batch_size',), moving_statistics=True,
-             cross_device=True),
+             cross_device=True, layer_types=('bnjax.linen:BatchRenorm',)),
     NormKind('group', 'group normalization (Wu & He 2018, flax.linen.GroupNorm): statistics per example over '
-             '--num_groups channel groups', _group_norm_layer, AFFINE + ('num_groups',), check_width=_groups_divide),
+             '--num_groups channel groups', _group_norm_layer, AFFINE + ('num_groups',), check_width=_groups_divide,
+             layer_types=('flax.linen:GroupNorm',)),
     NormKind('layer', 'layer normalization (Ba et al. 2016, flax.linen.LayerNorm): statistics per example over '
-             'its features', _layer_norm_layer, AFFINE),
+             'its features', _layer_norm_layer, AFFINE, layer_types=('flax.linen:LayerNorm',)),
 )}
 
 
@@ -193,17 +205,34 @@ def norm_kind(name: str) -> NormKind:
   return NORM_KINDS[name]
 
 
-def architectures_have_convs(model: str) -> bool:
-  from bnjax.lab import architectures
+def _builder_takes(option: str) -> Callable[[Any], bool]:
+  """`config -> bool`: the run's model builder takes lab option `option` (`bnjax.lab.registry`)."""
+  def check(config) -> bool:
+    from bnjax.lab import registry
 
-  return model in architectures.names(with_aliases=True) and architectures.has_convolutions(
-      architectures.get(model).layers)
+    return registry.takes(config.model, option)
+  return check
 
 
-def _model_names() -> tuple:
-  from bnjax.lab import architectures
+def _is_model(value) -> bool:
+  from bnjax.lab import registry
 
-  return architectures.names(with_aliases=True)
+  return registry.is_model(value)
+
+
+def _model_expected() -> str:
+  from bnjax.lab import registry
+
+  return registry.MODEL_EXPECTED
+
+
+def _model_help() -> str:
+  from bnjax.lab import registry
+
+  listed = '; '.join(f'{e.name}' + (f' (alias {", ".join(e.aliases)})' if e.aliases else '')
+                     for e in registry.ENTRIES.values())
+  return ('Model: a registered name (bnjax.lab.registry: ' + listed + ') or the import path of your own builder, '
+          'package.module:function. Its own training settings are the defaults of the other flags.')
 
 
 def _in(low, high, *, low_open=False, high_open=False):
@@ -257,20 +286,23 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     _o('augment', bool, False, 'CIFAR-10 augmentation on device: random crop with 4-pixel padding, horizontal flip.',
        'data'),
     # Model.
-    _o('model', str, 'mnist_mlp', 'Model name (the bnjax.lab.architectures registry): mnist_mlp (alias mlp_seed), '
-       'cifar_cnn (alias cnn_seed), mlp_bn_paper.', 'model', choices=_model_names),
+    _o('model', str, 'mnist_mlp', _model_help(), 'model', check=_is_model, expected=_model_expected()),
     _o('norm', str, 'bn', 'Norm kind: ' + '; '.join(f'{k.name}: {k.help}' for k in NORM_KINDS.values()) + '.',
        'model', choices=lambda: tuple(NORM_KINDS)),
     _o('conv_impl', str, 'xla', "Convolution layers: xla (flax.linen.Conv, nn.max_pool); cpu_fast (bnjax.lab.conv: "
        'on CPU the 3x3 kernel gradient summed over 8-image slices and max pooling over strided slices, measured '
        '2.1x faster per CNN step at batch 256; equal values to float tolerance, so not the default: reproductions '
-       'keep their numbers).', 'model', choices=('xla', 'cpu_fast'), when=lambda c: architectures_have_convs(c.model),
-       needs='a model with convolutions'),
-    _o('activation', str, 'relu', 'Activation of every block.', 'model', choices=('relu', 'swish', 'sigmoid')),
+       'keep their numbers).', 'model', choices=('xla', 'cpu_fast'), when=_builder_takes('conv_impl'),
+       needs='a --model whose builder takes conv_impl', builder_arg=True),
+    _o('activation', str, 'relu', 'Activation of every block.', 'model', choices=('relu', 'swish', 'sigmoid'),
+       when=_builder_takes('activation'), needs='a --model whose builder takes activation', builder_arg=True),
     _o('norm_position', str, 'before_activation', 'Norm before (Dense -> BN -> act) or after the activation '
-       '(Dense -> act -> BN).', 'model', choices=('before_activation', 'after_activation')),
+       '(Dense -> act -> BN).', 'model', choices=('before_activation', 'after_activation'),
+       when=_builder_takes('norm_position'), needs='a --model whose builder takes norm_position', builder_arg=True),
     _o('dropout_placement', str, 'none', 'none | before_norm (dropout feeds BN: variance shift) | after_norm (every '
-       'block) | end (after the last BN).', 'model', choices=('none', 'before_norm', 'after_norm', 'end')),
+       'block) | end (after the last BN).', 'model', choices=('none', 'before_norm', 'after_norm', 'end'),
+       when=_builder_takes('dropout_placement'), needs='a --model whose builder takes dropout_placement',
+       builder_arg=True),
     _o('dropout_rate', float, 0.0, 'Dropout rate in [0, 1).', 'model', role=VALUE, check=_in(0.0, 1.0, high_open=True),
        expected='a number in [0, 1)', when=_with_dropout, model_value=True,
        needs='a --dropout_placement other than none'),
@@ -340,8 +372,12 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     _o('optimizer_momentum', float, 0.9, 'Momentum of --optimizer=momentum (not BN momentum).', 'optimizer',
        check=_in(0.0, 1.0), expected='a number in [0, 1]', when=lambda c: c.optimizer == 'momentum',
        needs='--optimizer=momentum'),
-    _o('weight_decay', float, 0.0, 'Decoupled weight decay.', 'optimizer', check=_finite_non_negative,
+    _o('weight_decay', float, 0.0, 'Weight decay: decoupled (AdamW) with --optimizer=adam, added to the gradient '
+       '(L2, as He et al.) with sgd and momentum.', 'optimizer', check=_finite_non_negative,
        expected='a finite number >= 0'),
+    _o('norm_weight_decay', bool, True, "Whether weight decay applies to the norm layers' scale and bias too "
+       "(false: they are masked out, as flax's ImageNet example and timm do; the norm layers are found by their "
+       'module type).', 'optimizer', when=lambda c: c.weight_decay > 0, needs='--weight_decay > 0'),
     _o('lr_schedule', str, 'constant', 'constant | cosine (to 0) | step (x0.1 at 50% and 75% of training).',
        'optimizer', choices=('constant', 'cosine', 'step')),
     _o('lr_warmup_steps', int, 0, 'Linear learning-rate warm-up steps.', 'optimizer', check=_non_negative,

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bnjax.lab import config as config_lib
+from bnjax.lab import registry
 from bnjax.lab import report as report_lib
 from bnjax.lab.repro import (_MNIST, CIFAR, _plt, _save, _sweep, _with, cell, check_ghost_sizes, ghost_bn, ghost_renorm,
                              in_steps)
@@ -144,13 +145,26 @@ def small_batch_configs(base, ghost_sizes: Sequence[int], seeds: Sequence[int], 
   `base` gives the run's length in `steps` (`epochs` of them), so that renorm's warm-up scales to it.
   """
   configs = []
+  groups = group_count(base.model, base.num_groups)
   for seed in seeds:
-    configs += [dataclasses.replace(base, norm=norm, seed=seed) for norm in ('none', 'group', 'layer')]
+    configs += [dataclasses.replace(base, norm=norm, seed=seed, **(dict(num_groups=groups) if norm == 'group' else {}))
+                for norm in ('none', 'group', 'layer')]
     for ghost in ghost_sizes:
       configs += [ghost_bn(base, ghost, seed=seed), ghost_renorm(base, ghost, seed=seed)]
       if freeze_epochs and epochs > freeze_epochs:
         configs.append(ghost_bn(base, ghost, seed=seed, freeze_bn_after=epochs - freeze_epochs, precise_bn=10_000))
-  return [config_lib.validate(c) for c in configs]
+  # canonical: a model's own settings the run does not use (BN momentum with group norm) go back to their defaults
+  return [config_lib.validate(config_lib.canonical(c)) for c in configs]
+
+
+def group_count(model: str, groups: int) -> int:
+  """`groups`, or where it does not divide every norm width of the model, their greatest common divisor."""
+  import math
+
+  from bnjax.lab import registry
+
+  widths = registry.entry(model).widths
+  return groups if all(width % groups == 0 for width in widths) else math.gcd(groups, *widths)
 
 
 def _kind(config: Mapping) -> str:
@@ -166,18 +180,25 @@ def study_small_batch_norms(out: Path, settings: Mapping, data_dir: str | None, 
   parts = {'MNIST MLP': part_of(dict(_MNIST, batch_size=batch, data_dir=data_dir), settings['mlp_epochs'])}
   if settings['cnn_epochs']:
     # A new study, no numbers to keep: the CNN takes the CPU fast paths (exactly XLA's layers off CPU).
-    cifar = {k: v for k, v in CIFAR.items() if k != 'epochs'}
-    parts['CIFAR-10 CNN'] = part_of(dict(cifar, batch_size=batch, data_dir=data_dir, conv_impl='cpu_fast'),
-                                    settings['cnn_epochs'])
+    model = settings.get('model', 'cifar_cnn')
+    if registry.canonical_name(model) == 'cifar_cnn':
+      cifar = {k: v for k, v in CIFAR.items() if k != 'epochs'}
+      parts['CIFAR-10 CNN'] = part_of(dict(cifar, batch_size=batch, data_dir=data_dir, conv_impl='cpu_fast'),
+                                      settings['cnn_epochs'])
+    else:  # another model, with its own training settings (bnjax.lab.registry) at this batch size
+      own = config_lib.with_model_defaults(dict(model=model, norm='bn', batch_size=batch, data_dir=data_dir),
+                                           keep=('epochs', 'steps'))
+      parts[f'CIFAR-10 {model}'] = part_of(own, settings['cnn_epochs'])
   rows, results = [], {}
   plt = _plt()
   fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4), squeeze=False)
   for (label, (base, epochs)), ax in zip(parts.items(), axes[0]):
-    mlp = label == 'MNIST MLP'
+    mlp = label == 'MNIST MLP'  # the other part is the convolutional model
     seeds, freeze = (settings['seeds'], settings['freeze_epochs']) if mlp else (settings['cnn_seeds'],
                                                                                settings['cnn_freeze_epochs'])
     records = _sweep(small_batch_configs(base, settings['ghost_sizes'], seeds, epochs, freeze),
-                     out / f'sweep_{label.split()[0].lower()}', log)
+                     out / f'sweep_{label.split()[0].lower()}{"" if label.endswith(("MLP", "CNN")) else "_" + base.model}',
+                     log)
     ghost_of = lambda c: c.get('virtual_batch_size') or c['batch_size']
     for index, kind in enumerate(('BN', 'renorm', 'frozen BN')):
       stats = [report_lib.mean_std([r.get('test_accuracy') for r in records if _kind(r['config']) == kind

@@ -137,10 +137,10 @@ def single(config, dataset, *, state=None) -> Program:
   if mesh is not None:
     dataset = parallel.replicate(dataset, mesh)
   model = build.model(config)
-  optimizer = build.optimizer(config, plan.total_steps)
+  optimizer = build.optimizer(config, plan.total_steps, checked_norm_paths(config, model, dataset.train_images[:1]))
   if state is None:
     state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
-  step_loop = engine.step_loop_for(model, config.step_loop)
+  step_loop = engine.step_loop_for(model, config.step_loop, sample=dataset.train_images[:1])
   options = dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
                  unroll=step_loop == 'python')
   if mesh is not None:
@@ -188,6 +188,18 @@ def single(config, dataset, *, state=None) -> Program:
   )
 
 
+def checked_norm_paths(config, model, sample) -> list | None:
+  """The model's norm layers (`models.norm_layer_paths`) where the run needs them (the weight-decay mask), or
+  for a model from an import path, checked: a norm asked for and none built is a one-line error."""
+  from bnjax.lab import models, registry
+
+  if config.norm_weight_decay and registry.canonical_name(config.model) in registry.ENTRIES:
+    return None
+  paths = models.norm_layer_paths(model, sample)
+  models.check_norm_layers(model, paths)
+  return paths
+
+
 def _by_freezing(make: Callable) -> Callable:
   """`frozen -> make(frozen)`, each made once, when first needed (most runs never freeze)."""
   made: dict[bool, Callable] = {}
@@ -220,9 +232,9 @@ def _split(dataset, split: str):
 # K runs as lanes of one program.
 
 
-def group_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+def group_optimizer(config, total_steps: int, norm_paths=None) -> optax.GradientTransformation:
   """`build.optimizer` at peak learning rate 1, then a per-lane injected `scale` (the peak)."""
-  unit = build.optimizer(dataclasses.replace(config, learning_rate=1.0), total_steps)
+  unit = build.optimizer(dataclasses.replace(config, learning_rate=1.0), total_steps, norm_paths)
   return optax.chain(unit, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
@@ -249,7 +261,7 @@ def lane_variance_shift(model, state, images, hparams):
   return diagnostics.variance_shift(model, variables, images, rng, hparams)
 
 
-def _lane_functions(config, total_steps: int, mesh=None) -> dict:
+def _lane_functions(config, total_steps: int, mesh=None, sample=None) -> dict:
   """The jitted vmapped functions of a group; they depend only on the group key and the mesh (cached).
 
   With a `mesh` (`lane_mesh`) each device runs its own lanes: the vmapped
@@ -259,8 +271,8 @@ def _lane_functions(config, total_steps: int, mesh=None) -> dict:
   alone, equal up to rounding.
   """
   model = build.model(config)
-  optimizer = group_optimizer(config, total_steps)
-  step_loop = engine.step_loop_for(model, config.step_loop)
+  optimizer = group_optimizer(config, total_steps, checked_norm_paths(config, model, sample))
+  step_loop = engine.step_loop_for(model, config.step_loop, sample=sample)
 
   def vmapped(fn, axes, **jit_options):
     fn = jax.vmap(fn, in_axes=axes)
@@ -332,7 +344,7 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   mesh = lane_mesh(len(configs)) if spread else None
   key = (keys.pop(), plan.total_steps, mesh)
   if key not in cache:
-    cache[key] = _lane_functions(first, plan.total_steps, mesh)
+    cache[key] = _lane_functions(first, plan.total_steps, mesh, dataset.train_images[:1])
   f = cache[key]
   padding = (-len(configs)) % mesh.size if mesh is not None else 0
   configs = list(configs) + [configs[-1]] * padding

@@ -116,3 +116,11 @@ class ResNet(nn.Module):
         x = BasicBlock(channels, stride, self.norm, self.conv, name=f'stage{stage}_block{block}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)
+
+
+def build(depth: int = 20, *, norm: Callable[..., Any] = default_norm, num_classes: int = 10,
+          conv_impl: str = 'cpu_fast') -> ResNet:
+  """The registry's builder (`bnjax.lab.registry`: resnet20, resnet32, resnet56): the lab gives the norm layer
+  factory and the convolutions (`conv_impl`: 'xla' flax.linen.Conv, 'cpu_fast' `bnjax.lab.conv.Conv`, the
+  same numbers)."""
+  return ResNet(depth=depth, num_classes=num_classes, norm=norm, conv=nn.Conv if conv_impl == 'xla' else conv_lib.Conv)

@@ -112,15 +112,14 @@ def run_variants(out: Path, settings: Mapping, data_dir: str | None, log, *, var
     figure = lambda key: '-' if summary.get(key) is None else f'{summary[key]:.4f}'
     rows.append([variant, summary['status'], figure('test_accuracy'), figure('best_val_accuracy'),
                  f'{summary.get("train_seconds", 0.0):.1f}', str(out / variant)])
-  if len(variants) > 1:
-    plots.plot_curves(histories, out / 'curves.png', title=f'{out.name}: {", ".join(variants)}')
+  plots.plot_curves(histories, out / 'curves.png', title=f'{out.name}: {", ".join(variants)}')
   table = markdown_table(['run', 'status', 'test acc', 'best val', 'train s', 'workdir'], rows)
   return {'table': table, 'results': summaries}
 
 
-def _variants_study(name, description, settings: dict, variants: dict, aliases=()) -> Study:
+def _variants_study(name, description, settings: dict, variants: dict, aliases=(), full: dict | None = None) -> Study:
   run = lambda out, s, data_dir, log: run_variants(out, s, data_dir, log, variants=variants)
-  return Study(name, description, run, {'cpu': settings, 'full': settings}, aliases, grid=True)
+  return Study(name, description, run, {'cpu': settings, 'full': full or settings}, aliases, grid=True)
 
 
 # ----------------------------------------------------------------------------
@@ -129,6 +128,8 @@ def _variants_study(name, description, settings: dict, variants: dict, aliases=(
 MOMENTA = [0.6, 0.75, 0.85, 0.9, 0.99]
 _MNIST = dict(dataset='mnist', model='mnist_mlp', optimizer='adam', learning_rate=1e-3, validation='test')
 # The single runs the two source studies compare (also `experiments/train.py --preset`).
+# ResNet-20 with its own training settings (bnjax.lab.registry), the test set as validation.
+_RESNET20 = dict(model='resnet20', validation='test')
 PRESET_VARIANTS = {'mnist_plain_vs_bn': {'plain': dict(norm='none'), 'bn': dict(norm='bn')}, 'cifar_cnn': {'run': {}}}
 
 STUDIES: dict[str, Study] = {study.name: study for study in (
@@ -137,6 +138,10 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
                     PRESET_VARIANTS['mnist_plain_vs_bn'], aliases=('seed000',)),
     _variants_study('cifar_cnn', 'The source: CIFAR-10 CNN with BN: Adam 1e-4, batch 32, 30 epochs, 30% of train '
                     'held out (seed 777).', dict(repro.CIFAR), PRESET_VARIANTS['cifar_cnn'], aliases=('seed003',)),
+    _variants_study('cifar_resnet20', "He et al. 2016's ResNet-20 on CIFAR-10 with their recipe (SGD momentum 0.9, "
+                    'lr 0.1 divided by 10 at 50% and 75%, weight decay 1e-4, batch 128, crop + flip, per-channel '
+                    'standardization); the paper: 8.75% test error after 64k iterations.',
+                    dict(_RESNET20, steps=10_000), {'run': {}}, full=dict(_RESNET20, steps=64_000)),
     _grid_study('momentum', 'BN momentum on the MNIST MLP at batch 500: 0.6..0.99 and the inverse-decay schedule; '
                 '2 epochs, 3 seeds (one program of 15 lanes + one of 3).',
                 dict(_MNIST, norm='bn', batch_size=500, epochs=2, momentum=MOMENTA,
@@ -206,9 +211,9 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
           'batches vs group norm, layer norm and none; MNIST MLP and CIFAR-10 CNN.',
           population.study_small_batch_norms,
           {'cpu': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=2,
-                       cnn_seeds=[0], freeze_epochs=2, cnn_freeze_epochs=1),
+                       cnn_seeds=[0], freeze_epochs=2, cnn_freeze_epochs=1, model='cifar_cnn'),
            'full': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=30,
-                        cnn_seeds=[0, 1, 2], freeze_epochs=2, cnn_freeze_epochs=2)}),
+                        cnn_seeds=[0, 1, 2], freeze_epochs=2, cnn_freeze_epochs=2, model='cifar_cnn')}),
     Study('repro_bug', 'The moving-statistics bug and center/scale off after the nonlinearity (MNIST MLP).',
           repro.study_bug,
           {'cpu': dict(epochs=20, seeds=[0, 1, 2]), 'full': dict(epochs=20, seeds=[0, 1, 2])}),
@@ -276,12 +281,30 @@ def settings_for(name: str, budget: str, overrides: Mapping[str, Any] | None = N
       raise ValueError(f'study {study.name} has no setting --{key}; its settings are '
                        f'{sorted(settings) + (["every training option"] if study.grid else [])}.')
     settings[key] = _parse(study, settings, key, value) if isinstance(value, str) else value
+  if study.grid and 'model' in (overrides or {}):
+    settings = _with_model(settings, set(overrides))
   if study.grid:
     # --steps and --epochs are two ways to say how long: the one given replaces the study's other one.
     for given, other in (('steps', 'epochs'), ('epochs', 'steps')):
       if given in (overrides or {}) and other not in (overrides or {}) and settings.get(given) is not None:
         settings.pop(other, None)
   return settings
+
+
+LENGTH = ('epochs', 'steps')
+
+
+def _with_model(settings: dict, given: set) -> dict:
+  """A grid study's settings with another `--model`: the model's own training settings replace the study's
+  single values (its recipe: data set, optimizer, ...), except the study's axes (lists), its length
+  (epochs/steps: the budget) and the settings given."""
+  fixed = {name: value for name, value in settings.items() if isinstance(value, list) or name in LENGTH
+           or name in given}
+  singles = {name: value for name, value in fixed.items() if not isinstance(value, list)}
+  axes = {name: value[0] for name, value in fixed.items() if isinstance(value, list)}
+  merged = config_lib.with_model_defaults({**axes, **singles}, keep=LENGTH)
+  return {**settings, **{name: value for name, value in merged.items() if name not in fixed},
+          **fixed}
 
 
 def run_study(name: str, out_dir: str | Path, *, budget: str = 'cpu', overrides: Mapping[str, Any] | None = None,

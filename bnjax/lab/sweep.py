@@ -42,8 +42,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bnjax.lab import architectures, storage
-from bnjax.lab.config import FIELDS, TrainConfig, canonical, group_key, run_id, validate
+from bnjax.lab import storage
+from bnjax.lab.config import FIELDS, TrainConfig, canonical, group_key, run_id, unchecked, validate, with_model_defaults
 from bnjax.lab.config import parse_values, vmapped_fields  # noqa: F401  (re-exported: the sweep's vocabulary)
 from bnjax.lab import loop
 from bnjax.lab.loop import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_ERROR  # noqa: F401  (re-exported)
@@ -76,7 +76,8 @@ class ClaimLost(RuntimeError):
 
 
 def expand_grid(
-    base: TrainConfig, grid: dict[str, Sequence], finalize: Callable[[TrainConfig], TrainConfig] | None = None
+    base: TrainConfig, grid: dict[str, Sequence], finalize: Callable[[TrainConfig], TrainConfig] | None = None,
+    given: Iterable[str] | None = None,
 ) -> tuple[list[TrainConfig], list[str]]:
   """Every combination of `grid`'s values over `base`, canonical, validated and deduplicated.
 
@@ -85,6 +86,9 @@ def expand_grid(
     grid: `{field: [values]}`, e.g. `{'momentum': [0.9, 0.99], 'norm': ['bn', 'renorm']}`.
     finalize: optional `config -> config` applied to each combination (a
       preset's derived settings, e.g. a schedule scaled to the run length).
+    given: the names of the settings given (on the command line): with it,
+      each combination's model's own training settings are the defaults of
+      the others (`config.with_model_defaults`).
 
   Returns:
     `(configs, notes)`: the distinct valid runs in grid order, and one line
@@ -99,7 +103,10 @@ def expand_grid(
   for values in itertools.product(*(grid[name] for name in names)):
     combination = dict(zip(names, values))
     try:
-      config = canonical(dataclasses.replace(base, **combination))
+      config = dataclasses.replace(base, **combination)
+      if given is not None:
+        config = unchecked(with_model_defaults({name: getattr(config, name) for name in set(given) | set(grid)}))
+      config = canonical(config)
       if finalize is not None:
         config = canonical(finalize(config))
       validate(config)
@@ -143,7 +150,13 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
   """
   if backend != 'cpu':
     return [list(g) for g in groups]
-  has_conv = lambda config: architectures.has_convolutions(architectures.get(config.model).layers)
+  import jax
+  import jax.numpy as jnp
+
+  from bnjax.lab import build, models
+
+  has_conv = lambda config: models.has_convolutions(
+      build.model(config), jax.ShapeDtypeStruct(models.SAMPLE_SHAPES[config.dataset], jnp.float32))
   per_device = lambda g: [list(g[i : i + num_devices]) for i in range(0, len(g), num_devices)]
   return [part for g in groups for part in (per_device(g) if has_conv(g[0]) else [list(g)])]
 
