@@ -178,8 +178,8 @@ def main():
       }
       conv_options = models.option_names('cnn_seed')
       if 'conv_impl' in conv_options:
-        variants['bnjax bn, im2col convs (scan)'] = bnjax_engine(
-            models.get('cnn_seed', norm='bn', conv_impl='im2col'), x, y, batch, 1e-4
+        variants['bnjax bn, cpu_fast convs (scan)'] = bnjax_engine(
+            models.get('cnn_seed', norm='bn', conv_impl='cpu_fast'), x, y, batch, 1e-4
         )
       compare(
           f'CIFAR-10 cnn_seed, batch {batch}, {args.cifar_steps} steps',
