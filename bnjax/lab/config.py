@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any, Iterable
 
-from bnjax.lab import architectures
+from bnjax.lab import architectures, corruption_table
 from bnjax.lab.options import NORM_KINDS, OPTIONS, SETTING, VALUE, Option, norm_kind
 
 
@@ -230,10 +230,12 @@ def validate(config):
     _fail('dropout_rate', config.dropout_rate, f'> 0 with --dropout_placement={config.dropout_placement}')
   if config.virtual_batch_size is not None and config.batch_size % config.virtual_batch_size:
     _fail('virtual_batch_size', config.virtual_batch_size, f'a positive divisor of --batch_size={config.batch_size}')
-  if config.augment and config.dataset != 'cifar10':
+  corruption_table.check(config.dataset, config.corruption, config.severity)
+  clean_dataset = corruption_table.CLEAN.get(config.dataset, config.dataset)
+  if config.augment and clean_dataset != 'cifar10':
     _fail('augment', config.augment, 'false unless --dataset=cifar10')
   image_dataset = architectures.IMAGE_DATASET[architectures.canonical_name(config.model)]
-  if image_dataset is not None and config.dataset != image_dataset:
+  if image_dataset is not None and clean_dataset != image_dataset:
     _fail('model', config.model, f'a model for --dataset={config.dataset} ({config.model} takes {image_dataset} images)')
   _check_norm_widths(config)
   if config.num_devices is not None:
@@ -272,4 +274,4 @@ def make(settings: dict[str, Any] | None = None, *, base=None):
 def dataset_key(config) -> tuple:
   """The settings that determine the prepared data: runs with equal keys can share one load."""
   return (config.dataset, config.data_source, config.data_dir, config.scaling, config.validation,
-          config.validation_seed)
+          config.validation_seed, config.corruption, config.severity, config.corruption_seed)

@@ -220,6 +220,7 @@ _inverse_decay = lambda c: c.momentum_schedule == 'inverse_decay'
 _warmup_clipping = lambda c: c.renorm_clipping == 'warmup'
 _constant_clipping = lambda c: c.renorm_clipping == 'constant'
 _with_dropout = lambda c: c.dropout_placement != 'none'
+_corrupted = lambda c: c.dataset.endswith('_corrupted')
 _MOMENTUM_EXPECTED = 'a number in [0, 1] (BN momentum is the weight of the old average)'
 
 
@@ -229,7 +230,15 @@ def _o(*args, **kwargs) -> Option:
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (
     # Data.
-    _o('dataset', str, 'mnist', 'Data set.', 'data', choices=('mnist', 'fashion_mnist', 'cifar10')),
+    _o('dataset', str, 'mnist', 'Data set; mnist_corrupted / cifar10_corrupted: trained on the clean train split, '
+       'tested on --corruption at --severity (MNIST-C, CIFAR-10-C; see bnjax.lab.corruption_table).', 'data',
+       choices=('mnist', 'fashion_mnist', 'cifar10', 'mnist_corrupted', 'cifar10_corrupted')),
+    _o('corruption', str, None, 'The corruption of the test split of a *_corrupted data set (e.g. gaussian_noise).',
+       'data', optional=True, when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+    _o('severity', int, 5, 'Severity 1..5 of --corruption (the published tables).', 'data', when=_corrupted,
+       needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+    _o('corruption_seed', int, 0, 'Seed of the generated corruption (image i draws from fold_in(seed, i)).', 'data',
+       when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
     _o('data_source', str, 'auto', 'auto: local files when found (--data_dir, $BNJAX_DATA_DIR, well-known places), '
        'else TFDS.', 'data', role=SETTING, choices=('auto', 'files', 'tfds')),
     _o('data_dir', str, None, 'Folder with the canonical files (e.g. ../shared/data), or TFDS data_dir.', 'data',
