@@ -58,53 +58,60 @@ def _error(logits: list, labels) -> float:
   return float(np.mean(predictions != np.asarray(labels).reshape(-1)))
 
 
-def evaluate_methods(config, model, state, images, labels, methods: tuple[str, ...] | None = None) -> dict[str, float]:
-  """`{method: test error}` of the trained `state` (`engine.TrainState`) on `images [N, ...]`, `labels [N]`."""
-  methods = methods or methods_of(config)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+def make_evaluator(config, model):
+  """`evaluate(state, images, labels, methods=None) -> {method: test error}` for one run's model, its jitted
+  functions compiled once and reused for every test set (`state`: an `engine.TrainState`)."""
   hparams = {'dropout_rate': 0.0} if 'dropout_rate' in config_lib.model_values(config) else None
   train_apply = lambda v, x, mutable: model.apply(v, x, train=True, hparams=hparams, mutable=mutable)
   infer = jax.jit(lambda v, x: model.apply(v, x, train=False, hparams=hparams))
-  batches, batch_labels = test_batches(images, labels, config.test_batch_size)
-  has_stats = config_lib.has_moving_statistics(config)
-  errors = {}
-  for method in methods:
-    if method == 'source' or (method in ('prediction_bn', 'prior', 'adabn') and not has_stats):
-      errors[method] = _error([infer(variables, x) for x in batches], batch_labels)
-    elif method == 'prediction_bn':
-      fn = jax.jit(lambda v, x: adapt.prediction_bn(train_apply, v, x))
-      errors[method] = _error([fn(variables, x) for x in batches], batch_labels)
-    elif method == 'prior':
-      fn = jax.jit(lambda v, x: adapt.prior_bn(train_apply, v, x, config.adapt_prior_n))
-      errors[method] = _error([fn(variables, x) for x in batches], batch_labels)
-    elif method == 'adabn':
-      stats = adapt.adabn(train_apply, variables, list(batches))
-      target = {**variables, 'batch_stats': stats}
-      errors[method] = _error([infer(target, x) for x in batches], batch_labels)
-    elif method == 'tent':
-      errors[method] = _error(_tent_logits(config, train_apply, variables, batches), batch_labels)
-    else:
-      raise ValueError(f'--adapt={method!r} is invalid: expected items of {", ".join(METHODS)}.')
-  return errors
-
-
-def _tent_logits(config, train_apply, variables: Mapping[str, Any], batches) -> list:
+  prediction = jax.jit(lambda v, x: adapt.prediction_bn(train_apply, v, x))
+  prior = jax.jit(lambda v, x: adapt.prior_bn(train_apply, v, x, config.adapt_prior_n))
   optimizer = tent_optimizer(config)
-  paths = adapt.norm_module_paths(train_apply, variables, batches[0])
-  norm, rest = adapt.split_norm_params(variables['params'], paths)
-  if not norm:  # no norm layer (--norm=none): nothing to adapt
-    infer = jax.jit(lambda x: train_apply(variables, x, mutable=['batch_stats'])[0])
-    return [infer(x) for x in batches]
-  step = jax.jit(lambda s, x: adapt.tent_step(train_apply, optimizer, variables, rest, s, x))
-  start = adapt.tent_init(optimizer, norm)
-  state, logits = start, []
-  for x in batches:
-    current = start if config.tent_episodic else state
-    for _ in range(config.tent_steps):
-      out, current = step(current, x)
-    logits.append(out)
-    state = current
-  return logits
+  tent_step = jax.jit(lambda v, rest, s, x: adapt.tent_step(train_apply, optimizer, v, rest, s, x))
+  has_stats = config_lib.has_moving_statistics(config)
+
+  def tent_logits(variables, batches) -> list:
+    paths = adapt.norm_module_paths(train_apply, variables, batches[0])
+    norm, rest = adapt.split_norm_params(variables['params'], paths)
+    if not norm:  # no norm layer (--norm=none): nothing to adapt
+      return [infer(variables, x) for x in batches]
+    start = adapt.tent_init(optimizer, norm)
+    state, logits = start, []
+    for x in batches:
+      current = start if config.tent_episodic else state
+      for _ in range(config.tent_steps):
+        out, current = tent_step(variables, rest, current, x)
+      logits.append(out)
+      state = current
+    return logits
+
+  def evaluate(state, images, labels, methods: tuple[str, ...] | None = None) -> dict[str, float]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    batches, batch_labels = test_batches(images, labels, config.test_batch_size)
+    errors = {}
+    for method in methods or methods_of(config):
+      if method == 'source' or (method in ('prediction_bn', 'prior', 'adabn') and not has_stats):
+        logits = [infer(variables, x) for x in batches]
+      elif method == 'prediction_bn':
+        logits = [prediction(variables, x) for x in batches]
+      elif method == 'prior':
+        logits = [prior(variables, x) for x in batches]
+      elif method == 'adabn':
+        target = {**variables, 'batch_stats': adapt.adabn(train_apply, variables, list(batches))}
+        logits = [infer(target, x) for x in batches]
+      elif method == 'tent':
+        logits = tent_logits(variables, batches)
+      else:
+        raise ValueError(f'--adapt={method!r} is invalid: expected items of {", ".join(METHODS)}.')
+      errors[method] = _error(logits, batch_labels)
+    return errors
+
+  return evaluate
+
+
+def evaluate_methods(config, model, state, images, labels, methods: tuple[str, ...] | None = None) -> dict[str, float]:
+  """`{method: test error}` of the trained `state` (`engine.TrainState`) on `images [N, ...]`, `labels [N]`."""
+  return make_evaluator(config, model)(state, images, labels, methods)
 
 
 def summary_entries(errors: Mapping[str, float]) -> dict[str, float]:
