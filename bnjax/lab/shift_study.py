@@ -4,7 +4,8 @@
     python experiments/study.py --study=bn_shift --budget=full
 
 Source models are trained on the clean training split (or reused: each model's run folder
-`<out>/bn_shift/models/<dataset>/<model>` is resumed, so a finished run is not trained again), one
+`<models_dir>/<dataset>/<model>`, by default `<out>/bn_shift/models/...`, is resumed, so a finished
+run is not trained again; `--models_dir` points at another study's models), one
 per norm setting the issue asks about: BN at the default momentum 0.99 and batch, BN momentum 0.9,
 BN at a small training batch, batch renorm, ghost BN, and group / layer norm (no batch dependence:
 nothing to re-estimate, TENT adapts their scale and bias). Each is evaluated with every method of
@@ -111,7 +112,8 @@ def study_bn_shift(out: Path, settings: Mapping, data_dir: str | None, log) -> d
     models = {}
     clean = None
     for name in settings[f'{dataset}_models']:
-      config = model_config(dataset, name, settings, out / 'models' / dataset / name, data_dir)
+      models_dir = Path(settings['models_dir']) if settings['models_dir'] else out / 'models'
+      config = model_config(dataset, name, settings, models_dir / dataset / name, data_dir)
       clean = clean if clean is not None and config_lib.dataset_key(config) == clean[0] else (
           config_lib.dataset_key(config), build.dataset(config))
       log(f'--- {dataset} {name}: training (or reusing) {config.workdir}')
