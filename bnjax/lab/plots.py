@@ -37,6 +37,11 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, ti
     ax.legend()
   if title:
     fig.suptitle(title)
+  return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+  """Lays the figure out, writes it as a PNG (100 dpi) and closes it."""
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=100)
@@ -60,11 +65,7 @@ def plot_error_vs_severity(curves: Mapping[str, Sequence[float]], severities: Se
   ax.legend()
   if title:
     ax.set_title(title)
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_corruption_bars(errors: Mapping[str, Mapping[str, float]], path: str | Path, title: str = '') -> Path:
@@ -83,8 +84,4 @@ def plot_corruption_bars(errors: Mapping[str, Mapping[str, float]], path: str | 
   ax.legend()
   if title:
     ax.set_title(title)
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
