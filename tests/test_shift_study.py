@@ -42,7 +42,9 @@ def test_bn_shift_tiny_budget(tmp_path, data_dir):
 
 def test_adapt_options_are_checked_in_one_line():
   for settings, flag in (({'adapt': 'source,magic'}, '--adapt'), ({'tent_lr': 0.1}, '--tent_lr'),
-                         ({'adapt': 'tent', 'tent_optimizer': 'rmsprop'}, '--tent_optimizer')):
+                         ({'adapt': 'tent', 'tent_optimizer': 'rmsprop'}, '--tent_optimizer'),
+                         ({'norm': 'ghost', 'virtual_batch_size': 50, 'adapt': 'tent', 'test_batch_size': 120},
+                          '--test_batch_size')):
     with pytest.raises(ValueError, match=flag) as error:
       config_lib.make(settings)
     assert '\n' not in str(error.value)

@@ -228,6 +228,9 @@ def validate(config):
       _fail('validation', config.validation, "'test' or a fraction of the training set in (0, 1)")
   if config.dropout_placement != 'none' and config.dropout_rate == 0:
     _fail('dropout_rate', config.dropout_rate, f'> 0 with --dropout_placement={config.dropout_placement}')
+  if uses(config, 'test_batch_size') and config.virtual_batch_size and config.test_batch_size % config.virtual_batch_size:
+    _fail('test_batch_size', config.test_batch_size, f'a multiple of --virtual_batch_size={config.virtual_batch_size} '
+          '(adaptation normalizes test batches over ghost batches)')
   if config.virtual_batch_size is not None and config.batch_size % config.virtual_batch_size:
     _fail('virtual_batch_size', config.virtual_batch_size, f'a positive divisor of --batch_size={config.batch_size}')
   corruption_table.check(config.dataset, config.corruption, config.severity)
