@@ -53,9 +53,30 @@ AFFINE = ('scale', 'bias')
 
 def prediction_bn(train_apply: TrainApply, variables: Mapping[str, Any], x: Array) -> Array:
   """Logits of `x [n, ...]` with every BN layer normalizing by the statistics of this batch (n is the test
-  batch size: call it per batch of the size you mean). The moving statistics are left as they are."""
-  logits, _ = train_apply(variables, x, mutable=['batch_stats'])
+  batch size: call it per batch of the size you mean). The moving statistics are left as they are.
+
+  Batch renorm layers normalize by the batch statistics alone (r = 1, d = 0): in training mode their r and d
+  would map the batch statistics back to the moving ones, which is the source model again.
+  """
+  with renorm_as_batch_norm():
+    logits, _ = train_apply(variables, x, mutable=['batch_stats'])
   return logits
+
+
+def renorm_as_batch_norm():
+  """A context in which every training-mode `bnjax.linen.BatchRenorm` call returns its input normalized by the
+  batch statistics alone (r = 1, d = 0). The layer still runs (so it records the moments of its input for
+  precise statistics, and the layers after it see batch-normalized inputs)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != '__call__' or not isinstance(module, bn_linen.BatchRenorm)
+        or _use_running_average(module, args, kwargs)):
+      return next_fun(*args, **kwargs)
+    next_fun(*args, **kwargs)
+    return _mixed_norm(module, args[0], 0.0, kwargs.get('mask'))
+
+  return nn.intercept_methods(interceptor)
 
 
 def prior_weight(prior_n: float, batch_size: int) -> float:
@@ -119,8 +140,11 @@ def adabn(train_apply: TrainApply, variables: Mapping[str, Any], batches: Any, *
           num_examples: int | None = None) -> dict:
   """AdaBN: the `batch_stats` of `variables` with every BN layer's population statistics re-estimated on the
   target `batches` (`[S, B, ...]` or an iterable; all of them by default): bnjax's precise statistics
-  (`bnjax.linen.precise_batch_stats`), then ordinary inference with them."""
-  return bn_linen.precise_batch_stats(train_apply, variables, batches, num_examples=num_examples)
+  (`bnjax.linen.precise_batch_stats`), then ordinary inference with them. Batch renorm layers run as plain
+  BN in the passes (`renorm_as_batch_norm`), so that each layer's statistics are those of the inputs it
+  will see at inference with the new statistics."""
+  with renorm_as_batch_norm():  # each layer's input as inference with the re-estimated statistics will see it
+    return bn_linen.precise_batch_stats(train_apply, variables, batches, num_examples=num_examples)
 
 
 # ----------------------------------------------------------------------------
@@ -177,14 +201,14 @@ def tent_step(train_apply: TrainApply, optimizer: optax.GradientTransformation, 
               rest: Mapping[tuple, Any], state: TentState, x: Array) -> tuple[Array, TentState]:
   """One TENT step on the batch `x`: `(logits before the update, state after it)`.
 
-  The forward pass normalizes with the batch statistics (`train_apply`); the loss is `mean_entropy` of its
+  The forward pass normalizes with the batch statistics (`prediction_bn`); the loss is `mean_entropy` of its
   logits; the gradient w.r.t. the norm scale and bias only goes through `optimizer`. The moving statistics
   are not updated (TENT uses batch statistics throughout).
   """
 
   def loss(norm_params):
     params = merge_params(norm_params, rest)
-    logits, _ = train_apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    logits = prediction_bn(train_apply, {**variables, 'params': params}, x)
     return mean_entropy(logits), logits
 
   grads, logits = jax.grad(loss, has_aux=True)(state.norm_params)

@@ -139,3 +139,27 @@ def test_tent_without_norm_layers_says_so():
   variables = plain.init(jax.random.PRNGKey(0), X[0])
   with pytest.raises(ValueError, match='no norm layer'):
     adapt.tent(lambda v, x, mutable: (plain.apply(v, x), {}), variables, X, optax.sgd(0.1))
+
+
+def test_renorm_layers_adapt_with_batch_statistics_alone():
+  class RenormMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Dense(8, name='dense')(x)
+      h = bn_linen.BatchRenorm(epsilon=EPS, name='norm')(h, use_running_average=not train)
+      return nn.Dense(3, name='head')(nn.relu(h))
+
+  model = RenormMlp()
+  train_apply = functools.partial(model.apply, train=True)
+  stats = {'mean': jnp.linspace(-1, 1, 8), 'std': jnp.linspace(0.5, 2, 8)}
+  variables = {'params': VARIABLES['params'], 'batch_stats': {'norm': {**stats, 'renorm_mean': stats['mean'],
+                                                                       'renorm_std': stats['std']}}}
+  p = VARIABLES['params']['norm']
+  want = _hand_forward(p['scale'], p['bias'], X[0])  # batch statistics, r = 1, d = 0
+  np.testing.assert_allclose(adapt.prediction_bn(train_apply, variables, X[0]), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(adapt.prior_bn(train_apply, variables, X[0], 0.0), want, rtol=1e-5, atol=1e-5)
+  logits, _ = adapt.tent(train_apply, variables, X[:1], optax.sgd(0.1))
+  np.testing.assert_allclose(logits[0], want, rtol=1e-5, atol=1e-5)
+  adapted = adapt.adabn(train_apply, variables, X)
+  h = np.asarray(X.reshape(-1, 5) @ VARIABLES['params']['dense']['kernel'] + VARIABLES['params']['dense']['bias'])
+  np.testing.assert_allclose(adapted['norm']['mean'], h.mean(0), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ convolutions inside a scan about 30x slower (`bnjax.lab.engine`), and there are 
 Per method (dropout off throughout):
 - source: inference with the moving statistics;
 - prediction_bn: each test batch normalized with its own statistics (training mode, statistics thrown away;
-  renorm layers apply their r and d as in training, ghost layers normalize over ghost batches);
+  renorm layers by the batch statistics alone, r = 1 and d = 0; ghost layers over ghost batches);
 - prior: `bnjax.adapt.prior_bn` with N = `--adapt_prior_n`;
 - adabn: precise statistics of the whole test split (`bnjax.adapt.adabn`), then inference;
 - tent: `bnjax.adapt` TENT steps over the batches in order (`--tent_optimizer`, `--tent_lr`,
