@@ -10,10 +10,11 @@ Precise BN (population statistics under fixed weights, Wu & Johnson 2021)
 is `bnjax.precise`: `precise_statistics`, `with_population_statistics`, and
 the accumulator `bnjax.precise.init/update/finalize`.
 
-Three modules pull in more and load on first access: `bnjax.linen` and
-`bnjax.nnx`, the Flax modules (linen and NNX) around the core, and
-`bnjax.lab`, the experiment machinery (models, data, training loop, sweeps,
-studies). The core never imports them.
+Four modules pull in more and load on first access: `bnjax.linen` and
+`bnjax.nnx`, the Flax modules (linen and NNX) around the core,
+`bnjax.adapt`, test-time adaptation of the norm layers (prediction-time
+BN, the Schneider prior, AdaBN, TENT; Flax and optax), and `bnjax.lab`,
+the experiment machinery (models, data, training loop, sweeps, studies). The core never imports them.
 """
 
 import importlib
@@ -40,7 +41,7 @@ from bnjax.schedules import (
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('linen', 'nnx', 'lab')
+_LAZY_SUBMODULES = ('linen', 'nnx', 'lab', 'adapt')
 # Old names of modules that moved (kept as aliases): the Flax wrappers, and the lab's modules.
 _MOVED = {'flax': 'bnjax.linen'} | {
     name: f'bnjax.lab.{name}'

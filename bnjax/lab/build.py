@@ -130,6 +130,9 @@ def dataset(config: TrainConfig, put=None) -> data_lib.Dataset:
       validation='test' if validation_fraction(config) is None else validation_fraction(config),
       validation_seed=config.validation_seed,
       put=put,
+      corruption=config.corruption,
+      severity=config.severity,
+      corruption_seed=config.corruption_seed,
   )
 
 

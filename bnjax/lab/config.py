@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any, Iterable
 
-from bnjax.lab import registry
+from bnjax.lab import corruption_table, registry
 from bnjax.lab.options import NORM_KINDS, OPTIONS, SETTING, VALUE, Option, norm_kind
 
 
@@ -243,12 +243,17 @@ def validate(config):
           'statistics normalize each test example)')
   if kind.moving_statistics and config.virtual_batch_size == 1:
     _fail('virtual_batch_size', 1, 'at least 2 (a ghost batch of one example normalizes it to 0: nothing trains)')
+  if uses(config, 'test_batch_size') and config.virtual_batch_size and config.test_batch_size % config.virtual_batch_size:
+    _fail('test_batch_size', config.test_batch_size, f'a multiple of --virtual_batch_size={config.virtual_batch_size} '
+          '(adaptation normalizes test batches over ghost batches)')
   if config.virtual_batch_size is not None and config.batch_size % config.virtual_batch_size:
     _fail('virtual_batch_size', config.virtual_batch_size, f'a positive divisor of --batch_size={config.batch_size}')
-  if config.augment and config.dataset != 'cifar10':
+  corruption_table.check(config.dataset, config.corruption, config.severity)
+  clean_dataset = corruption_table.CLEAN.get(config.dataset, config.dataset)
+  if config.augment and clean_dataset != 'cifar10':
     _fail('augment', config.augment, 'false unless --dataset=cifar10')
   image_dataset = registry.entry(config.model).dataset
-  if image_dataset is not None and config.dataset != image_dataset:
+  if image_dataset is not None and clean_dataset != image_dataset:
     _fail('model', config.model, f'a model for --dataset={config.dataset} ({config.model} takes {image_dataset} images)')
   _check_norm_widths(config)
   if config.num_devices is not None:
@@ -305,4 +310,4 @@ def with_model_defaults(settings: dict[str, Any], keep: Iterable[str] = ()) -> d
 def dataset_key(config) -> tuple:
   """The settings that determine the prepared data: runs with equal keys can share one load."""
   return (config.dataset, config.data_source, config.data_dir, config.scaling, config.validation,
-          config.validation_seed)
+          config.validation_seed, config.corruption, config.severity, config.corruption_seed)

@@ -145,6 +145,12 @@ def _run(config, workdir, start, *, dataset, resume, interrupt_after_epoch, prog
   summary['final_eval_seconds'] = time.perf_counter() - evaluation_start  # the end-of-run tests and probes
   if summary['status'] == STATUS_DIVERGED:
     summary['message'] += ' (try a smaller --learning_rate)'
+  elif config.adapt != 'source':
+    from bnjax.lab import adaptation  # test-time adaptation on the test split (--adapt)
+
+    trained = result.precise_state if result.precise_state is not None else result.state
+    summary.update(adaptation.summary_entries(adaptation.evaluate_methods(
+        config, build.model(config), trained, dataset.test_images, dataset.test_labels)))
   summary['total_seconds'] = time.perf_counter() - start
   folder.write_summary(summary)
   if folder.writer and result.histories[0]:

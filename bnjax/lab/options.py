@@ -254,6 +254,14 @@ _inverse_decay = lambda c: c.momentum_schedule == 'inverse_decay'
 _warmup_clipping = lambda c: c.renorm_clipping == 'warmup'
 _constant_clipping = lambda c: c.renorm_clipping == 'constant'
 _with_dropout = lambda c: c.dropout_placement != 'none'
+_corrupted = lambda c: c.dataset.endswith('_corrupted')
+ADAPT_METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
+# Methods are separated by ',' (or '+', which a sweep's comma lists leave alone: --adapt=source+tent).
+adapt_methods = lambda text: tuple(m.strip() for m in str(text).replace('+', ',').split(','))
+_methods = lambda c: adapt_methods(c.adapt)
+_adapt_methods = lambda value: all(m in ADAPT_METHODS for m in adapt_methods(value))
+_adapting = lambda c: any(m != 'source' for m in _methods(c))
+_tenting = lambda c: 'tent' in _methods(c)
 _MOMENTUM_EXPECTED = 'a number in [0, 1] (BN momentum is the weight of the old average)'
 
 
@@ -271,7 +279,15 @@ def _o(*args, **kwargs) -> Option:
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (
     # Data.
-    _o('dataset', str, 'mnist', 'Data set.', 'data', choices=('mnist', 'fashion_mnist', 'cifar10')),
+    _o('dataset', str, 'mnist', 'Data set; mnist_corrupted / cifar10_corrupted: trained on the clean train split, '
+       'tested on --corruption at --severity (MNIST-C, CIFAR-10-C; see bnjax.lab.corruption_table).', 'data',
+       choices=('mnist', 'fashion_mnist', 'cifar10', 'mnist_corrupted', 'cifar10_corrupted')),
+    _o('corruption', str, None, 'The corruption of the test split of a *_corrupted data set (e.g. gaussian_noise).',
+       'data', optional=True, when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+    _o('severity', int, 5, 'Severity 1..5 of --corruption (the published tables).', 'data', when=_corrupted,
+       needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+    _o('corruption_seed', int, 0, 'Seed of the generated corruption (image i draws from fold_in(seed, i)).', 'data',
+       when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
     _o('data_source', str, 'auto', 'auto: local files when found (--data_dir, $BNJAX_DATA_DIR, well-known places), '
        'else TFDS.', 'data', role=SETTING, choices=('auto', 'files', 'tfds')),
     _o('data_dir', str, None, 'Folder with the canonical files (e.g. ../shared/data), or TFDS data_dir.', 'data',
@@ -393,6 +409,28 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
        'training', check=_positive, expected='a positive integer'),
     _o('seed', int, 0, 'Random seed: initialization, shuffling, dropout.', 'training', role=VALUE,
        check=_seed_range, expected=f'an integer in [0, {_SEED_LIMIT}]'),
+    # Test-time adaptation, evaluated after training (bnjax.lab.adaptation; it does not change the training).
+    _o('adapt', str, 'source', 'Test-time adaptation methods evaluated on the test split after training, '
+       'comma-separated: source (moving statistics), prediction_bn (each test batch normalized by its own '
+       'statistics), prior (Schneider et al.: source and batch statistics mixed with weight N / (N + n)), adabn '
+       '(population statistics re-estimated on the test split), tent (entropy minimisation on the norm scale and '
+       "bias, online); '+' separates them too (in a sweep's comma lists). Their test errors go into summary.json "
+       'as test_error_<method>.', 'adapt', role=SETTING,
+       check=_adapt_methods, expected='comma-separated items of source, prediction_bn, prior, adabn, tent'),
+    _o('test_batch_size', int, 200, 'Test batch size of the adaptation methods (TENT on CIFAR-10-C: 200); the '
+       'last partial batch is left out.', 'adapt', role=SETTING, check=_positive, expected='a positive integer',
+       when=_adapting, needs='--adapt with a method other than source'),
+    _o('adapt_prior_n', float, 16.0, "The prior's N: the source statistics weigh N / (N + test_batch_size).",
+       'adapt', role=SETTING, check=_finite_non_negative, expected='a finite number >= 0',
+       when=lambda c: 'prior' in _methods(c), needs='--adapt with prior'),
+    _o('tent_optimizer', str, 'adam', 'TENT optimizer: adam (the CIFAR setting) or sgd (momentum 0.9).', 'adapt',
+       role=SETTING, choices=('adam', 'sgd'), when=_tenting, needs='--adapt with tent'),
+    _o('tent_lr', float, 1e-3, 'TENT learning rate.', 'adapt', role=SETTING, check=_positive_real,
+       expected='a number > 0', when=_tenting, needs='--adapt with tent'),
+    _o('tent_steps', int, 1, 'TENT steps per test batch.', 'adapt', role=SETTING, check=_positive,
+       expected='a positive integer', when=_tenting, needs='--adapt with tent'),
+    _o('tent_episodic', bool, False, 'TENT resets to the source model before every batch (else continual).',
+       'adapt', role=SETTING, when=_tenting, needs='--adapt with tent'),
     # Outputs and how the loop runs (no effect on the numbers).
     _o('workdir', str, None, 'Output folder (default: runs/<name>-<time>).', 'output', role=SETTING, optional=True),
     _o('checkpoint_every', int, 1, 'Checkpoint every this many epochs (0: never).', 'output', role=SETTING,

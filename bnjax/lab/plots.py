@@ -37,8 +37,51 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, ti
     ax.legend()
   if title:
     fig.suptitle(title)
+  return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+  """Lays the figure out, writes it as a PNG (100 dpi) and closes it."""
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def plot_error_vs_severity(curves: Mapping[str, Sequence[float]], severities: Sequence[int], path: str | Path,
+                           title: str = '', clean: Mapping[str, float] | None = None) -> Path:
+  """Test error vs corruption severity, one line per method (`clean`: its error at severity 0)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for index, (method, errors) in enumerate(curves.items()):
+    xs, ys = list(severities), list(errors)
+    if clean is not None and method in clean:
+      xs, ys = [0] + xs, [clean[method]] + ys
+    ax.plot(xs, ys, marker='o', color=f'C{index}', label=method)
+  ax.set_xlabel('severity (0: clean)')
+  ax.set_ylabel('test error')
+  ax.grid(alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  return _save(fig, path)
+
+
+def plot_corruption_bars(errors: Mapping[str, Mapping[str, float]], path: str | Path, title: str = '') -> Path:
+  """Test error per corruption (`{corruption: {method: error}}`), one bar per method."""
+  corruptions = list(errors)
+  methods = list(next(iter(errors.values()))) if errors else []
+  width = 0.8 / max(len(methods), 1)
+  fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(corruptions) * max(len(methods), 1) * 0.4 + 2), 4))
+  for index, method in enumerate(methods):
+    xs = [i + (index - (len(methods) - 1) / 2) * width for i in range(len(corruptions))]
+    ax.bar(xs, [errors[c][method] for c in corruptions], width, color=f'C{index}', label=method)
+  ax.set_xticks(range(len(corruptions)))
+  ax.set_xticklabels(corruptions, rotation=45, ha='right')
+  ax.set_ylabel('test error')
+  ax.grid(alpha=0.3, axis='y')
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  return _save(fig, path)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bnjax.lab import config as config_lib
-from bnjax.lab import population, repro
+from bnjax.lab import corruption_table, population, repro, shift_study
 from bnjax.lab.options import OPTIONS
 
 BUDGETS = ('cpu', 'full')
@@ -126,6 +126,7 @@ def _variants_study(name, description, settings: dict, variants: dict, aliases=(
 # The registry.
 
 MOMENTA = [0.6, 0.75, 0.85, 0.9, 0.99]
+SHIFT_METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
 _MNIST = dict(dataset='mnist', model='mnist_mlp', optimizer='adam', learning_rate=1e-3, validation='test')
 # The single runs the two source studies compare (also `experiments/train.py --preset`).
 # ResNet-20 with its own training settings (bnjax.lab.registry), the test set as validation.
@@ -214,6 +215,23 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
                        cnn_seeds=[0], freeze_epochs=2, cnn_freeze_epochs=1, model='cifar_cnn'),
            'full': dict(batch_size=128, ghost_sizes=[2, 4, 8, 32], mlp_epochs=20, seeds=[0, 1, 2], cnn_epochs=30,
                         cnn_seeds=[0, 1, 2], freeze_epochs=2, cnn_freeze_epochs=2, model='cifar_cnn')}),
+    Study('bn_shift', 'BN under distribution shift: source models (MNIST MLP, CIFAR-10 CNN; BN momentum, batch size, '
+          'renorm, ghost BN, group/layer norm) evaluated on MNIST-C / CIFAR-10-C with source statistics, '
+          'prediction-time BN, the Schneider prior, AdaBN and TENT.',
+          shift_study.study_bn_shift,
+          {'cpu': dict(datasets=['mnist', 'cifar10'], mnist_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm',
+                                                                    'ghost_50', 'group', 'layer'],
+                       cifar10_models=['bn', 'group'], mnist_epochs=3, cifar10_epochs=2, seed=0,
+                       mnist_corruptions=list(corruption_table.names(corruption_table.MNIST)),
+                       cifar10_corruptions=list(corruption_table.names(corruption_table.CIFAR)), severities=[1, 3, 5], test_examples=2000,
+                       methods=list(SHIFT_METHODS), test_batch_size=200, prior_n=16.0, tent_lr=1e-3,
+                       tent_optimizer='adam', corruption_seed=0, models_dir=''),
+           'full': dict(datasets=['mnist', 'cifar10'], mnist_models=list(shift_study.MODELS),
+                        cifar10_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm', 'ghost_8', 'group',
+                                        'layer'], mnist_epochs=20, cifar10_epochs=30, seed=0, mnist_corruptions=list(corruption_table.names(corruption_table.MNIST)),
+                        cifar10_corruptions=list(corruption_table.names(corruption_table.CIFAR)), severities=[1, 2, 3, 4, 5], test_examples=10_000,
+                        methods=list(SHIFT_METHODS), test_batch_size=200, prior_n=16.0, tent_lr=1e-3,
+                        tent_optimizer='adam', corruption_seed=0, models_dir='')}),
     Study('repro_bug', 'The moving-statistics bug and center/scale off after the nonlinearity (MNIST MLP).',
           repro.study_bug,
           {'cpu': dict(epochs=20, seeds=[0, 1, 2]), 'full': dict(epochs=20, seeds=[0, 1, 2])}),

@@ -12,6 +12,7 @@ iterator: shuffling and batching happen on device inside the jitted training (as
 - `sources`: the registry (`spec`), the search for local files, and `read` (files or TFDS).
 - `prepare`: the validation split, the scaling, `Dataset`, and placement on device.
 - `augment`: `augment_cifar`, random crop and flip on device.
+- `corruptions`: CIFAR-10-C and MNIST-C test sets generated on device (or read from TFDS).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from bnjax.lab import corruption_table
+from bnjax.lab.data import corruptions
 from bnjax.lab.data.augment import augment_cifar
 from bnjax.lab.data.formats import (
     DataError,
@@ -85,14 +88,17 @@ __all__ = [
 
 def load(name: str, *, source: str = 'auto', data_dir: str | os.PathLike | None = None,
          scaling: str = 'unit', validation: str | float = 'test', validation_seed: int = 777,
-         put: Callable[[np.ndarray], Any] | None = jax.device_put) -> Dataset:
+         put: Callable[[np.ndarray], Any] | None = jax.device_put, corruption: str | None = None,
+         severity: int = 5, corruption_seed: int = 0) -> Dataset:
   """Loads a data set's train, validation and test splits as whole arrays on the accelerator.
 
   The MNIST study: `load("mnist")` (p / 255, the test split as validation). The CIFAR-10 study:
   `load("cifar10", scaling="standardize", validation=0.3, validation_seed=777)`.
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10" (see `SPECS`).
+    name: "mnist", "fashion_mnist" or "cifar10" (see `SPECS`); or "mnist_corrupted" /
+      "cifar10_corrupted": the clean train split and the test split under `corruption` at `severity`
+      (`bnjax.lab.data.corruptions.read_corrupted`; generated with `corruption_seed` unless source="tfds").
     source: "auto" (local files when found, else TFDS), "files" or "tfds"; see `read`.
     data_dir: folder searched first for local files, and TFDS's data_dir.
     scaling: "unit" (p / 255), "standardize" (per channel with the training part's mean and std) or
@@ -106,7 +112,13 @@ def load(name: str, *, source: str = 'auto', data_dir: str | os.PathLike | None 
   Returns:
     `Dataset`: images [N, H, W, C] float32 (uint8 for "none"), labels int32 [N].
   """
-  dataset = prepare(read(name, source=source, data_dir=data_dir), spec(name), scaling=scaling,
+  if corruption_table.is_corrupted(name):
+    raw = corruptions.read_corrupted(name, corruption, severity, seed=corruption_seed, source=source,
+                                     data_dir=data_dir)
+    name = corruption_table.CLEAN[name]
+  else:
+    raw = read(name, source=source, data_dir=data_dir)
+  dataset = prepare(raw, spec(name), scaling=scaling,
                     validation=validation, validation_seed=validation_seed)
   return dataset if put is None else place(dataset, put)
 

@@ -1,0 +1,115 @@
+"""The corrupted test sets (bnjax.lab.data.corruptions): determinism, shapes, severity, and a few
+corruptions against direct computations (numpy, scipy.ndimage, PIL, colorsys); TFDS under mock_data."""
+
+import colorsys
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from bnjax.lab import config as config_lib
+from bnjax.lab import corruption_table as table
+from bnjax.lab.data import corruptions
+
+RNG = np.random.default_rng(0)
+CIFAR_IMAGES = RNG.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+# Digit-like strokes: smoothed sparse dots (a rotation moves them further the larger its angle).
+MNIST_IMAGES = np.clip(scipy.ndimage.gaussian_filter((RNG.random((6, 28, 28, 1)) < 0.03) * 2000.0, (0, 1.5, 1.5, 0)),
+                       0, 255).astype(np.uint8)
+
+
+def test_deterministic_per_seed_and_image():
+  a = corruptions.corrupt(CIFAR_IMAGES, table.CIFAR, 'gaussian_noise', 3, seed=1)
+  b = corruptions.corrupt(CIFAR_IMAGES, table.CIFAR, 'gaussian_noise', 3, seed=1, chunk=4)  # other batching
+  c = corruptions.corrupt(CIFAR_IMAGES, table.CIFAR, 'gaussian_noise', 3, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert np.any(a != c)
+  assert a.dtype == np.uint8 and a.shape == CIFAR_IMAGES.shape
+
+
+@pytest.mark.parametrize('dataset,name', [(table.CIFAR, 'impulse_noise'), (table.CIFAR, 'contrast'),
+                                          (table.MNIST, 'brightness'), (table.MNIST, 'rotate')])
+def test_shapes_dtypes_and_distortion_grows_with_severity(dataset, name):
+  images = CIFAR_IMAGES if dataset == table.CIFAR else MNIST_IMAGES
+  distortion = []
+  for severity in (1, 3, 5):
+    out = corruptions.corrupt(images, dataset, name, severity)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    distortion.append(np.abs(out.astype(float) - images).mean())
+  assert distortion[0] < distortion[1] < distortion[2], distortion
+
+
+def test_gaussian_blur_is_scipy_gaussian_filter_nearest():
+  sigma = corruptions.CIFAR_PARAMS['gaussian_blur'][4]
+  x = CIFAR_IMAGES / 255.0
+  want = np.stack([scipy.ndimage.gaussian_filter(x[..., c], sigma=(0, sigma, sigma), mode='nearest', truncate=4.0)
+                   for c in range(3)], -1)
+  got = corruptions.corrupt(CIFAR_IMAGES, table.CIFAR, 'gaussian_blur', 5)
+  np.testing.assert_allclose(got, np.floor(np.clip(want, 0, 1) * 255), atol=1)
+
+
+def test_contrast_and_brightness_against_numpy_and_colorsys():
+  x = CIFAR_IMAGES / 255.0
+  c = corruptions.CIFAR_PARAMS['contrast'][4]
+  means = x.mean(axis=(1, 2), keepdims=True)
+  want = np.floor(np.clip((x - means) * c + means, 0, 1) * 255)
+  np.testing.assert_allclose(corruptions.corrupt(CIFAR_IMAGES, table.CIFAR, 'contrast', 5), want, atol=1)
+  b = corruptions.CIFAR_PARAMS['brightness'][4]
+  pixels = x[:2].reshape(-1, 3)
+  hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
+  hsv[:, 2] = np.clip(hsv[:, 2] + b, 0, 1)
+  rgb = np.array([colorsys.hsv_to_rgb(*p) for p in hsv]).reshape(x[:2].shape)
+  got = corruptions.corrupt(CIFAR_IMAGES[:2], table.CIFAR, 'brightness', 5)
+  np.testing.assert_allclose(got, np.floor(np.clip(rgb, 0, 1) * 255), atol=1)
+
+
+def test_pixelate_is_pil_box_resize_and_zoom_blur_is_scipy_zoom():
+  from PIL import Image
+
+  c = corruptions.CIFAR_PARAMS['pixelate'][4]
+  want = [np.asarray(Image.fromarray(im).resize((int(32 * c),) * 2, Image.BOX).resize((32, 32), Image.BOX))
+          for im in CIFAR_IMAGES[:2]]
+  np.testing.assert_allclose(corruptions.corrupt(CIFAR_IMAGES[:2], table.CIFAR, 'pixelate', 5), want, atol=1)
+
+  x = CIFAR_IMAGES[0] / 255.0
+  zooms = corruptions.CIFAR_PARAMS['zoom_blur'][0]
+  out = np.zeros_like(x)
+  for z in zooms:
+    crop = int(np.ceil(32 / z))
+    top = (32 - crop) // 2
+    zoomed = scipy.ndimage.zoom(x[top:top + crop, top:top + crop], (z, z, 1), order=1)
+    trim = (zoomed.shape[0] - 32) // 2
+    out += zoomed[trim:trim + 32, trim:trim + 32]
+  want = np.floor(np.clip((x + out) / (len(zooms) + 1), 0, 1) * 255)
+  np.testing.assert_allclose(corruptions.corrupt(CIFAR_IMAGES[:1], table.CIFAR, 'zoom_blur', 1)[0], want, atol=1)
+
+
+def test_mnist_translate_shifts_and_stripe_inverts():
+  out = corruptions.corrupt(MNIST_IMAGES[:1], table.MNIST, 'translate', 2)[0, ..., 0].astype(int)
+  image = MNIST_IMAGES[0, ..., 0].astype(int)
+  shifts = [(dy, dx) for dy in (-2, 2) for dx in (-2, 2)]
+  shifted = [np.roll(np.pad(image, 2), (-dy, -dx), axis=(0, 1))[2:-2, 2:-2] for dy, dx in shifts]
+  assert any(np.array_equal(out, s) for s in shifted)
+  stripe = corruptions.corrupt(MNIST_IMAGES[:1], table.MNIST, 'stripe', 1)[0, ..., 0].astype(int)
+  np.testing.assert_array_equal(stripe[:, :7], 255 - image[:, :7])
+  np.testing.assert_array_equal(stripe[:, 7:21], image[:, 7:21])
+
+
+def test_bad_names_and_severities_are_one_line_naming_the_flag():
+  for settings, flag in (({'corruption': 'frost'}, '--corruption'), ({'corruption': 'nope'}, '--corruption'),
+                         ({'corruption': 'fog', 'severity': 0}, '--severity')):
+    with pytest.raises(ValueError, match=flag) as error:
+      config_lib.make({'dataset': 'cifar10_corrupted', 'model': 'cifar_cnn', **settings})
+    assert '\n' not in str(error.value)
+
+
+def test_read_corrupted_from_tfds_under_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+
+  with tfds.testing.mock_data(num_examples=8):
+    raw = corruptions.read_corrupted(table.CIFAR, 'fog', 5, source='tfds', data_dir=tmp_path)
+  assert raw.source.startswith('tfds:cifar10_corrupted/fog_5@')
+  assert raw.test_images.shape == (8, 32, 32, 3) and raw.test_images.dtype == np.uint8
+  assert raw.train_images.shape[1:] == (32, 32, 3)
+  with pytest.raises(ValueError, match='--severity'):
+    corruptions.tfds_config(table.MNIST, 'shot_noise', 3)
