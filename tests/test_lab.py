@@ -14,7 +14,7 @@ from bnjax.lab import config as C
 from bnjax.lab import models, options
 from conftest import REPO
 
-FLAX_MODULES = ('linen', 'nnx')  # the only modules of bnjax/ that import Flax
+FLAX_MODULES = ('linen', 'nnx', 'adapt')  # the only modules of bnjax/ that import Flax (loaded on first use)
 CORE = sorted(p for p in (REPO / 'bnjax').glob('*.py') if p.stem not in FLAX_MODULES)
 
 
