@@ -17,10 +17,12 @@ EPS = 1e-3
 
 
 class Mlp(nn.Module):
+  norm: type = bn_linen.BatchNorm
+
   @nn.compact
   def __call__(self, x, train=False):
     h = nn.Dense(8, name='dense')(x)
-    h = bn_linen.BatchNorm(epsilon=EPS, name='norm')(h, use_running_average=not train)
+    h = self.norm(epsilon=EPS, name='norm')(h, use_running_average=not train)
     return nn.Dense(3, name='head')(nn.relu(h))
 
 
@@ -142,14 +144,7 @@ def test_tent_without_norm_layers_says_so():
 
 
 def test_renorm_layers_adapt_with_batch_statistics_alone():
-  class RenormMlp(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=False):
-      h = nn.Dense(8, name='dense')(x)
-      h = bn_linen.BatchRenorm(epsilon=EPS, name='norm')(h, use_running_average=not train)
-      return nn.Dense(3, name='head')(nn.relu(h))
-
-  model = RenormMlp()
+  model = Mlp(norm=bn_linen.BatchRenorm)
   train_apply = functools.partial(model.apply, train=True)
   stats = {'mean': jnp.linspace(-1, 1, 8), 'std': jnp.linspace(0.5, 2, 8)}
   variables = {'params': VARIABLES['params'], 'batch_stats': {'norm': {**stats, 'renorm_mean': stats['mean'],

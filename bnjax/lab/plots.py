@@ -30,14 +30,19 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, ti
       ax.plot(epochs, [m[f'train_{key}'] for m in history], color=color, linestyle='--', label=f'{label}train')
       ax.plot(epochs, [m[f'val_{key}'] for m in history], color=color, marker='o', markersize=3, label=f'{label}validation')
   for ax, key in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
+    _label_axes(ax, 'epoch', key)
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
+
+def _label_axes(ax, xlabel: str, ylabel: str) -> None:
+  """Axis labels, a light grid, integer ticks on x (epochs, severities) and the legend."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend()
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -58,11 +63,7 @@ def plot_error_vs_severity(curves: Mapping[str, Sequence[float]], severities: Se
     if clean is not None and method in clean:
       xs, ys = [0] + xs, [clean[method]] + ys
     ax.plot(xs, ys, marker='o', color=f'C{index}', label=method)
-  ax.set_xlabel('severity (0: clean)')
-  ax.set_ylabel('test error')
-  ax.grid(alpha=0.3)
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.legend()
+  _label_axes(ax, 'severity (0: clean)', 'test error')
   if title:
     ax.set_title(title)
   return _save(fig, path)
