@@ -92,17 +92,21 @@ def _grid_study(name, description, cpu: dict, full: dict, finalize=None, aliases
 # Comparisons of single runs (the source's two studies as presets).
 
 
+def variant_configs(out: Path, settings: Mapping, data_dir: str | None, variants: Mapping[str, dict]) -> dict:
+  """`{variant: config}`: each variant's fields over the study's settings over its model's own training
+  settings (ResNet-20's data set and recipe), trained in `out/<variant>`."""
+  base = dict(settings) if data_dir is None else {**settings, 'data_dir': data_dir}
+  return {variant: config_lib.make(config_lib.with_model_defaults(
+      {**base, **fields, 'workdir': str(out / variant)}, keep=LENGTH)) for variant, fields in variants.items()}
+
+
 def run_variants(out: Path, settings: Mapping, data_dir: str | None, log, *, variants: Mapping[str, dict]) -> dict:
   """Each variant as one `experiment.run` in `out/<variant>` (resumed if there), and their curves together."""
   from bnjax.lab import experiment, plots
   from bnjax.lab.report import markdown_table
 
-  base = {k: v for k, v in settings.items()}
-  if data_dir is not None:
-    base['data_dir'] = data_dir
   summaries, histories, rows = {}, {}, []
-  for variant, fields in variants.items():
-    config = config_lib.make({**base, **fields, 'workdir': str(out / variant)})
+  for variant, config in variant_configs(out, settings, data_dir, variants).items():
     if len(variants) > 1:
       log(f'--- {variant}: norm={config.norm}')
     summary = experiment.run(config, resume='auto', progress=settings.get('progress_updates', 10) > 0, log=log,
