@@ -1,7 +1,7 @@
-"""The study `bn_shift`: BN under distribution shift (MNIST-C, CIFAR-10-C) and test-time adaptation.
+"""BN under distribution shift (MNIST-C, CIFAR-10-C) and test-time adaptation.
 
-    run_study('bn_shift', 'runs/studies')                      # the cpu budget
-    python experiments/study.py --study=bn_shift --budget=full
+    ./launch.sh bn_shift                  # the cpu budget
+    ./launch.sh bn_shift --budget=full
 
 Source models are trained on the clean training split (or reused: each model's run folder
 `<models_dir>/<dataset>/<model>`, by default `<out>/bn_shift/models/...`, is resumed, so a finished
@@ -30,6 +30,9 @@ import numpy as np
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import corruption_table as table
+from bnjax.lab.study import Study
+
+METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
 
 _MNIST = dict(dataset='mnist', model='mnist_mlp', optimizer='adam', learning_rate=1e-3, validation='test',
               batch_size=500)
@@ -91,7 +94,7 @@ def _mean(values) -> float | None:
   return float(np.mean(values)) if values else None
 
 
-def study_bn_shift(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
+def run(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   """Runs the study (see the module docstring); returns `{'table': markdown, 'results': ...}`."""
   import jax.numpy as jnp
 
@@ -195,3 +198,24 @@ def errors_markdown(results: Mapping, methods, severities) -> str:
       rows = [[c, str(s)] + [_pct(per[c][str(s)][m]) for m in methods] for c in per for s in severities]
       parts.append(f'## {dataset} {name}\n\n' + markdown_table(['corruption', 'severity'] + list(methods), rows))
   return '\n\n'.join(parts) + '\n'
+
+
+_MNIST_CORRUPTIONS = list(table.names(table.MNIST))
+_CIFAR_CORRUPTIONS = list(table.names(table.CIFAR))
+_EVALUATION = dict(methods=list(METHODS), test_batch_size=200, prior_n=16.0, tent_lr=1e-3, tent_optimizer='adam',
+                   corruption_seed=0, models_dir='')
+
+STUDY = Study(
+    'bn_shift', 'BN under distribution shift: source models (MNIST MLP, CIFAR-10 CNN; BN momentum, batch size, '
+    'renorm, ghost BN, group/layer norm) evaluated on MNIST-C / CIFAR-10-C with source statistics, prediction-time '
+    'BN, the Schneider prior, AdaBN and TENT.', run,
+    {'cpu': dict(datasets=['mnist', 'cifar10'], mnist_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm',
+                                                              'ghost_50', 'group', 'layer'],
+                 cifar10_models=['bn', 'group'], mnist_epochs=3, cifar10_epochs=2, seed=0,
+                 mnist_corruptions=_MNIST_CORRUPTIONS, cifar10_corruptions=_CIFAR_CORRUPTIONS, severities=[1, 3, 5],
+                 test_examples=2000, **_EVALUATION),
+     'full': dict(datasets=['mnist', 'cifar10'], mnist_models=list(MODELS),
+                  cifar10_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm', 'ghost_8', 'group', 'layer'],
+                  mnist_epochs=20, cifar10_epochs=30, seed=0, mnist_corruptions=_MNIST_CORRUPTIONS,
+                  cifar10_corruptions=_CIFAR_CORRUPTIONS, severities=[1, 2, 3, 4, 5], test_examples=10_000,
+                  **_EVALUATION)})

@@ -7,6 +7,7 @@ import pytest
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import studies
+from bnjax.lab.studies import bn_shift
 
 TINY = dict(datasets='mnist', mnist_models='bn,layer', mnist_epochs='1', severities='1,5',
             mnist_corruptions='brightness,stripe', test_examples='400', test_batch_size='100')
@@ -21,7 +22,7 @@ def test_bn_shift_tiny_budget(tmp_path, data_dir):
   for model in errors.values():
     assert set(model) == {'brightness', 'stripe'}
     for severity in ('1', '5'):
-      assert set(model['brightness'][severity]) == set(studies.SHIFT_METHODS)
+      assert set(model['brightness'][severity]) == set(bn_shift.METHODS)
       assert all(0 <= e <= 1 for e in model['brightness'][severity].values())
   # Layer norm has no statistics to re-estimate: those methods are its source model.
   layer = errors['layer']['brightness']['5']
