@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # bnjax launcher. Creates .venv and installs bnjax on first use (again when pyproject.toml changes).
 #
-#   ./launch.sh mnist_plain_vs_bn [flags]   the main job: MNIST MLP, plain vs BN (the source's study; old name seed000)
-#   ./launch.sh STUDY [flags]     any named study (./launch.sh list lists them with their settings):
-#                                 cifar_cnn (seed003), cifar_resnet20 (He et al.'s recipe), the sweeps momentum | batch_size | momentum_batch_size |
-#                                 dropout | renorm, and the reproductions of docs/results.md repro_seed000 |
-#                                 repro_seed003 | repro_fig1 | repro_momentum_batch | repro_dropout | repro_renorm |
-#                                 repro_bug | repro_all (CPU budget; --budget=full for the source's)
+#   ./launch.sh mnist_plain_vs_bn [flags]   the main job: MNIST MLP, plain vs BN (the source's study)
+#   ./launch.sh STUDY [flags]     any named study: a file of bnjax/lab/studies/ (the source's comparisons, the
+#                                 sweeps, the reproductions of docs/results.md); --budget=full for the source's
+#   ./launch.sh repro_all         every reproduction of docs/results.md, one after another
+#   ./launch.sh list              the studies, with their settings
 #   ./launch.sh train [flags]     any single experiment: experiments/train.py with your flags
 #                                 (--model=resnet20: its recipe; --model=package.module:build: your own model)
 #   ./launch.sh sweep [flags]     any grid: experiments/sweep.py --momentum=0.9,0.99 --seed=0,1 ...
@@ -69,15 +68,11 @@ case "$job" in
     ensure_venv
     exec "$VENV/bin/python" experiments/study.py --list
     ;;
-  repro_all)
-    ensure_venv
-    exec "$VENV/bin/python" experiments/study.py --study=all $(data_flags "$@") "$@"
-    ;;
   help|-h|--help)
-    sed -n '2,18p' "$0"
+    sed -n '2,17p' "$0"
     ;;
   *)
-    # A named study (or an old name: seed000, seed003, ...); experiments/study.py says if there is none.
+    # A named study (or repro_all); experiments/study.py says in one line if there is none.
     ensure_venv
     exec "$VENV/bin/python" experiments/study.py --study="$job" $(data_flags "$@") "$@"
     ;;

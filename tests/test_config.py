@@ -1,4 +1,4 @@
-"""bnjax.lab.config: every invalid value or combination is rejected naming its flag; presets resolve."""
+"""bnjax.lab.config: every invalid value or combination is rejected naming its flag."""
 
 import pytest
 
@@ -70,25 +70,6 @@ def test_defaults_and_valid_combinations_pass():
   C.validate(C.TrainConfig(dataset='cifar10', model='cnn_seed', augment=True, validation='0.3'))
 
 
-def test_preset_studies_are_the_source_studies():
-  from bnjax.lab import studies
-
-  plain_vs_bn = studies.get('seed000')
-  assert plain_vs_bn.name == 'mnist_plain_vs_bn'
-  assert studies.PRESET_VARIANTS['mnist_plain_vs_bn'] == {'plain': dict(norm='none'), 'bn': dict(norm='bn')}
-  settings = studies.settings_for('seed000', 'cpu')
-  assert (settings['dataset'], settings['model'], settings['optimizer'], settings['epochs'], settings['batch_size'],
-          settings['validation']) == ('mnist', 'mnist_mlp', 'adam', 20, 500, 'test')
-  cifar = studies.settings_for('seed003', 'full')
-  assert (cifar['model'], cifar['learning_rate'], cifar['batch_size'], cifar['epochs']) == ('cifar_cnn', 1e-4, 32, 30)
-  assert (cifar['validation'], cifar['validation_seed'], cifar['scaling']) == ('0.3', 777, 'standardize')
-  assert studies.settings_for('seed000', 'cpu', {'epochs': '1', 'batch_size': '100'})['epochs'] == 1
-
-
-def test_unknown_study_and_setting():
-  from bnjax.lab import studies
-
-  with pytest.raises(ValueError, match="--study='nope'"):
-    studies.get('nope')
+def test_unknown_setting():
   with pytest.raises(ValueError, match='unknown settings'):
     C.make({'momentum_typo': 0.9})

@@ -166,32 +166,11 @@ def test_norm_weight_decay_false_masks_the_norm_parameters():
     C.make({'norm_weight_decay': False})
 
 
-def test_sweeps_and_studies_take_a_models_own_settings():
-  from bnjax.lab import studies, sweep
+def test_sweeps_take_a_models_own_settings():
+  from bnjax.lab import sweep
 
-  # A sweep without a preset: each run's model gives the defaults of what was not given.
+  # Each run's model gives the defaults of what was not given.
   grid = {'model': ['mnist_mlp', 'resnet20'], 'seed': [0]}
   configs, notes = sweep.expand_grid(C.unchecked({'steps': 5}), grid, given={'model', 'seed', 'steps'})
   assert not notes
   assert [(c.dataset, c.optimizer, c.steps) for c in configs] == [('mnist', 'adam', 5), ('cifar10', 'momentum', 5)]
-  # The momentum x batch size study on ResNet-20: its recipe, the study's axes and length.
-  settings = studies.settings_for('momentum_batch_size', 'cpu', {'model': 'resnet20'})
-  assert (settings['dataset'], settings['optimizer'], settings['epochs']) == ('cifar10', 'momentum', 1)
-  assert settings['batch_size'] == [32, 128, 500, 5000] and len(settings['momentum']) == 5
-  assert studies.get('cifar_resnet20').budgets['full']['steps'] == 64_000
-
-
-def test_every_single_run_study_builds_valid_runs_with_its_models_recipe(tmp_path):
-  from bnjax.lab import studies
-
-  for name, study in studies.STUDIES.items():
-    if study.sweep or not study.grid:
-      continue
-    for budget in studies.BUDGETS:
-      variants = studies.PRESET_VARIANTS.get(name, {'run': {}})
-      configs = studies.variant_configs(tmp_path, studies.settings_for(name, budget), None, variants)
-      assert set(configs) == set(variants), name
-  (resnet,) = studies.variant_configs(tmp_path, studies.settings_for('cifar_resnet20', 'cpu'), None,
-                                      {'run': {}}).values()
-  assert (resnet.dataset, resnet.optimizer, resnet.batch_size, resnet.augment) == ('cifar10', 'momentum', 128, True)
-  assert (resnet.steps, resnet.validation, resnet.weight_decay) == (10_000, 'test', 1e-4)

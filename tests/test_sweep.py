@@ -259,10 +259,7 @@ def test_cli_dry_run_lists_groups(tmp_path):
   assert 'lanes vary: momentum, rmax, seed' in result.stdout
 
 
-def test_cli_preset_dry_run_and_tiny_run(data_dir, tmp_path):
-  result = cli('--preset=momentum', '--dry_run', f'--sweep_dir={tmp_path}')
-  assert result.returncode == 0, result.stderr
-  assert '18 runs in 2 group(s)' in result.stdout
+def test_cli_tiny_run(data_dir, tmp_path):
   result = cli('--momentum=0.6,0.9', f'--data_dir={data_dir}', '--data_source=files', '--batch_size=100',
                '--epochs=1', f'--sweep_dir={tmp_path / "grid"}')
   assert result.returncode == 0, result.stderr + result.stdout

@@ -59,7 +59,7 @@ INVALID_FLAGS = [
     (['--dropout_placement=end', '--dropout_rate=1.0'], '--dropout_rate=1.0'),
     (['--norm=batchnorm'], 'norm'),
     (['--model=resnet'], "--model='resnet' is invalid: expected a registered model (mnist_mlp"),
-    (['--preset=seed999'], "--preset='seed999'"),
+    (['--preset=mnist_plain_vs_bn'], "Unknown command line flag 'preset'"),
     (['--epochs=0'], '--epochs=0'),
     (['--resume'], '--resume needs the --workdir'),
 ]
@@ -76,8 +76,9 @@ def test_invalid_flags_are_rejected_before_any_work(flags, message, tmp_path):
 
 def test_help_documents_every_flag():
   result = train('--helpfull', timeout=120)
-  for flag in ('--[no]update_stats', '--eval_stats', '--virtual_batch_size', '--renorm_clipping', '--preset', '--[no]resume'):
+  for flag in ('--[no]update_stats', '--eval_stats', '--virtual_batch_size', '--renorm_clipping', '--[no]resume'):
     assert flag in result.stdout
+  assert '--preset' not in result.stdout
 
 
 needs_mnist = pytest.mark.skipif(
@@ -87,32 +88,33 @@ needs_mnist = pytest.mark.skipif(
 
 @pytest.mark.integration
 @needs_mnist
-def test_preset_seed000_one_epoch_on_real_mnist(tmp_path):
+def test_mnist_plain_vs_bn_one_epoch_on_real_mnist(tmp_path):
   """Both models reach 93% after one epoch, on the mean of three seeds.
 
   One seed is too noisy a bar for the BN model: Keras 3 on the same data and
   model gives 0.943, 0.924, 0.921 for seeds 0-2 (mean 0.929); bnjax gives
   0.926, 0.940, 0.933 (mean 0.933). The moving averages still hold 0.99**120
-  = 30% of their initial values after one epoch of 120 steps. The CLI trains
-  seed 0; seeds 1 and 2 train as the lanes of `repro_seed000` (a lane equals
-  the single run of its seed up to float noise: tests/test_sweep.py).
+  = 30% of their initial values after one epoch of 120 steps. The study
+  `mnist_plain_vs_bn` trains seed 0 (as `./launch.sh mnist_plain_vs_bn` does);
+  seeds 1 and 2 train as the lanes of `repro_seed000` (a lane equals the
+  single run of its seed up to float noise: tests/test_sweep.py).
   """
   from bnjax.lab import studies
+  from conftest import run_script
 
-  result = train('--preset=seed000', '--epochs=1', '--seed=0', f'--data_dir={SHARED_DATA}', f'--workdir={tmp_path}',
-                 '--progress=false', '--checkpoint_every=0')
+  result = run_script('study.py', '--study=mnist_plain_vs_bn', '--epochs=1', '--seed=0', f'--data_dir={SHARED_DATA}',
+                      f'--out={tmp_path}', '--progress_updates=0', '--checkpoint_every=0')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (tmp_path / 'curves.png').is_file()
-  cli = {variant: json.loads((tmp_path / variant / 'summary.json').read_text())['test_accuracy']
-         for variant in ('plain', 'bn')}
-  lanes = studies.run_study('repro_seed000', tmp_path / 'study', overrides=dict(epochs=1, seeds=[1, 2],
-                                                                               momenta=[0.99]),
+  folder = tmp_path / 'mnist_plain_vs_bn'
+  assert (folder / 'curves.png').is_file()
+  single = {run: json.loads((folder / run / 'summary.json').read_text())['test_accuracy'] for run in ('plain', 'bn')}
+  lanes = studies.run_study('repro_seed000', tmp_path, overrides=dict(epochs=1, seeds=[1, 2], momenta=[0.99]),
                             data_dir=str(SHARED_DATA), log=lambda message: None)['results']
-  accuracy = {'plain': [cli['plain']] + lanes['plain']['test_accuracy'],
-              'bn': [cli['bn']] + lanes['bn (momentum 0.99)']['test_accuracy']}
-  for variant, values in accuracy.items():
-    assert len(values) == 3 and sum(values) / 3 >= 0.93, (variant, values)
-    assert min(values) >= 0.9, (variant, values)
+  accuracy = {'plain': [single['plain']] + lanes['plain']['test_accuracy'],
+              'bn': [single['bn']] + lanes['bn (momentum 0.99)']['test_accuracy']}
+  for run, values in accuracy.items():
+    assert len(values) == 3 and sum(values) / 3 >= 0.93, (run, values)
+    assert min(values) >= 0.9, (run, values)
 
 
 @pytest.mark.integration
