@@ -30,15 +30,13 @@ import numpy as np
 
 from bnjax.lab import config as config_lib
 from bnjax.lab import corruption_table as table
+from bnjax.lab.options import ADAPT_METHODS as METHODS
 from bnjax.lab.study import Study
+from bnjax.lab.study_common import CIFAR, MNIST
 
-METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
-
-_MNIST = dict(dataset='mnist', model='mnist_mlp', optimizer='adam', learning_rate=1e-3, validation='test',
-              batch_size=500)
-_CIFAR = dict(dataset='cifar10', model='cifar_cnn', optimizer='adam', learning_rate=1e-4, batch_size=32,
-              validation='0.3', validation_seed=777, scaling='standardize')
-BASES = {'mnist': _MNIST, 'cifar10': _CIFAR}
+# The source's recipes; each model's norm and the budget's epochs come on top.
+BASES = {'mnist': dict(MNIST, batch_size=500),
+         'cifar10': {name: value for name, value in CIFAR.items() if name not in ('norm', 'epochs')}}
 CORRUPTED = {'mnist': table.MNIST, 'cifar10': table.CIFAR}
 
 # The source models: name -> the settings that differ from the data set's base.
