@@ -18,9 +18,9 @@ def dataset(data_dir):
   return build.dataset(_config(data_dir), put=jax.device_put)
 
 
-def _train(config, dataset, **kwargs):
+def _train(config, dataset, outputs=loop.Outputs()):
   program = programs.single(config, dataset)
-  result = loop.train(program, progress=False, log=lambda m: None, **kwargs)
+  result = loop.train(program, loop.Settings(progress=False, log=lambda m: None), outputs)
   return program, result, loop.summarize(program, result)[0]
 
 
@@ -48,13 +48,13 @@ def test_precise_bn_repairs_the_moving_statistics_bug(data_dir, dataset):
 def test_frozen_bn_keeps_the_moving_statistics_and_trains_the_weights(data_dir, dataset):
   saved = {}
   checkpoint = lambda epoch, state, histories: saved.update({epoch: jax.tree.map(np.asarray, state)})
-  _train(_config(data_dir, epochs=3, freeze_bn_after=1), dataset, checkpoint=checkpoint, checkpoint_every=1)
+  _train(_config(data_dir, epochs=3, freeze_bn_after=1), dataset, loop.Outputs(checkpoint=checkpoint, checkpoint_every=1))
   jax.tree.map(np.testing.assert_array_equal, saved[1].batch_stats, saved[3].batch_stats)
   assert not np.allclose(saved[1].params['linear_0']['kernel'], saved[3].params['linear_0']['kernel'])
   # With --precise_bn the layers freeze with the population statistics of the weights at the freeze.
   saved.clear()
-  _train(_config(data_dir, epochs=3, freeze_bn_after=1, precise_bn=500), dataset, checkpoint=checkpoint,
-         checkpoint_every=1)
+  _train(_config(data_dir, epochs=3, freeze_bn_after=1, precise_bn=500), dataset,
+         loop.Outputs(checkpoint=checkpoint, checkpoint_every=1))
   jax.tree.map(np.testing.assert_array_equal, saved[2].batch_stats, saved[3].batch_stats)
   assert not np.allclose(saved[1].batch_stats['norm_0']['mean'], saved[2].batch_stats['norm_0']['mean'])
 
