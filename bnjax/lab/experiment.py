@@ -124,9 +124,9 @@ def run(
 
 def _train(config, settings: loop.Settings, folder: rundir.RunFolder, *, dataset, resume: bool, folder_flag):
   """`(program, loop.Result, dataset)`: the run trained in its locked, checked workdir (resumed if asked)."""
+  num_devices = parallel.resolve_num_devices(config.num_devices)
   if dataset is None:
-    single_device = parallel.resolve_num_devices(config.num_devices) == 1
-    dataset = build.dataset(config, put=jax.device_put if single_device else None)
+    dataset = build.dataset(config, put=jax.device_put if num_devices == 1 else None)
   program = programs.single(config, dataset)
   workdir = folder.path
   checkpoints = rundir.Checkpoints(workdir / rundir.CHECKPOINTS) if workdir and config.checkpoint_every else None
@@ -134,7 +134,7 @@ def _train(config, settings: loop.Settings, folder: rundir.RunFolder, *, dataset
   history = histories[0] if histories else []
   if history:
     rundir.check_resumed_length(workdir, history[-1]['step'], program.plan, folder_flag)
-  folder.write_config(dict(environment(), num_devices=parallel.resolve_num_devices(config.num_devices)))
+  folder.write_config(dict(environment(), num_devices=num_devices))
   folder.start_metrics(history)
   outputs = loop.Outputs(sinks=[folder.add_epoch], checkpoint=checkpoints.save if checkpoints else None,
                          checkpoint_every=config.checkpoint_every)

@@ -113,15 +113,16 @@ def train(program, settings: Settings = Settings(), outputs: Outputs = Outputs()
   for epoch in range(start_epoch, plan.num_epochs):
     timer = time.perf_counter()
     batches = program.epoch_batches(result.state, epoch)[..., : _steps_of_epoch(plan, epoch), :]
-    state, totals = train_epoch(program, _freeze(program, result.state, epoch, batches), epoch, batches, settings)
+    start = _statistics_at_freeze(program, result.state, epoch, batches)
+    state, totals = train_epoch(program, start, epoch, batches, settings)
     train_seconds = time.perf_counter() - timer
-    result = result._replace(state=state, diverged_epoch=find_divergence(program, result.diverged_epoch, totals,
-                                                                          epoch, settings.log))
+    diverged = find_divergence(program, result.diverged_epoch, totals, epoch, settings.log)
+    result = result._replace(state=state, diverged_epoch=diverged)
     if all(d is not None for d in result.diverged_epoch[: len(program.runs)]):
       break
     val, precise_state = evaluate(program, state, batches)
     seconds = (train_seconds, time.perf_counter() - timer - train_seconds)
-    lanes = epoch_metrics(program, epoch, batches.shape[-2], (totals, val), seconds)
+    lanes = epoch_metrics(program, epoch, totals, val, seconds)
     result = result._replace(histories=record_epoch(program, result, lanes, outputs.sinks, settings.log),
                              precise_state=precise_state)
     checkpoint(program, epoch, result, outputs, settings)
@@ -180,7 +181,7 @@ def _is_frozen(config, epoch: int) -> bool:
   return config.freeze_bn_after is not None and epoch >= config.freeze_bn_after
 
 
-def _freeze(program, state, epoch: int, batches):
+def _statistics_at_freeze(program, state, epoch: int, batches):
   """The state the epoch starts from: at the freeze point with `--precise_bn`, with the precise statistics.
 
   Wu & Johnson's FrozenBN: the frozen layers keep the population statistics of the weights at the freeze.
@@ -252,10 +253,11 @@ def evaluate(program, state, batches):
   return program.evaluate(state, 'val', config.eval_stats), None
 
 
-def epoch_metrics(program, epoch: int, steps: int, train_and_val, seconds: tuple[float, float]) -> list[dict]:
-  """Per lane, the line of metrics.jsonl of the epoch (`seconds`: training, evaluation)."""
-  (train, val), (train_seconds, eval_seconds) = train_and_val, seconds
-  k = program.num_lanes
+def epoch_metrics(program, epoch: int, train, val, seconds: tuple[float, float]) -> list[dict]:
+  """Per lane, the epoch's line of metrics.jsonl from its training and validation `Metrics [K]` (`seconds`:
+  training, evaluation)."""
+  train_seconds, eval_seconds = seconds
+  k, steps = program.num_lanes, _steps_of_epoch(program.plan, epoch)
   arrays = [np.asarray(a) for a in (train.mean_loss(), train.accuracy(), val.mean_loss(), val.accuracy())]
   return [{
       'epoch': epoch + 1, 'step': epoch * program.plan.steps_per_epoch + steps,

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from bnjax.lab import loop, parallel, storage
 from bnjax.lab.config import (FIELDS, TrainConfig, canonical, dataset_key, group_key, identity, run_id, unchecked,
-                              validate, vmapped_fields, with_model_defaults)
+                              uses, validate, vmapped_fields, with_model_defaults)
 from bnjax.lab.options import OPTIONS, STRUCTURE
 
 STATUS_ERROR = 'error'  # a run whose group raised (its record holds the error); the next sweep tries it again
@@ -163,11 +163,7 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
 
 
 def describe_groups(groups: Sequence[Sequence[TrainConfig]]) -> str:
-  """The dry-run listing: each group, the structure that makes it one, what its lanes vary, each run's values.
-
-  A group's structure is read from the option table: its STRUCTURE options that tell the groups apart or
-  are not at their defaults (what its `group_key` is made of).
-  """
+  """The dry-run listing: each group, the structure that makes it one, what its lanes vary, each run's values."""
   firsts = [members[0] for members in groups]
   between = {name for name, option in OPTIONS.items()
              if option.role == STRUCTURE and len({getattr(c, name) for c in firsts}) > 1}
@@ -175,14 +171,22 @@ def describe_groups(groups: Sequence[Sequence[TrainConfig]]) -> str:
   for index, members in enumerate(groups):
     first = members[0]
     varying = [f for f in FIELDS if len({getattr(c, f) for c in members}) > 1]
-    shown = between | (set(identity(first)) - set(vmapped_fields(first)))
-    structure = ' '.join(f'{name}={getattr(first, name)}' for name in FIELDS if name in shown) or 'defaults'
+    structure = ' '.join(f'{name}={value}' for name, value in group_structure(first, between).items())
     lines.append(f'group {index + 1} [{group_key(first)}]: {len(members)} run(s), one program; '
                  f'{structure}; lanes vary: {", ".join(varying) or "-"}')
     for config in members:
       values = ' '.join(f'{f}={getattr(config, f)}' for f in vmapped_fields(config))
       lines.append(f'  {run_id(config)}  {values}')
   return '\n'.join(lines)
+
+
+def group_structure(config: TrainConfig, shown: Iterable[str] = ()) -> dict[str, Any]:
+  """The settings that make `config`'s group, read from the option table: its model's STRUCTURE options, those
+  off their defaults (what its `group_key` hashes), and the `shown` ones (e.g. those that tell groups apart)."""
+  own = set(identity(config)) - set(vmapped_fields(config))
+  return {name: getattr(config, name) for name, option in OPTIONS.items()
+          if name in own or (option.role == STRUCTURE and uses(config, name)
+                             and (option.group == 'model' or name in shown))}
 
 
 # ----------------------------------------------------------------------------
