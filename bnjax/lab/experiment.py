@@ -11,7 +11,7 @@ statistics, the variance shift, times, status completed | diverged),
 checkpoint and ends with exactly the metrics of an uninterrupted run.
 
 With several devices (`config.num_devices`, default every device of every
-process) the steps run data-parallel (`bnjax.lab.parallel`). In a
+process) the steps run data-parallel (`bnjax.lab.engine.make_data_parallel_train_steps`). In a
 multi-process run every process runs this same function; process 0 writes
 the files above, and Orbax coordinates the checkpoints.
 """

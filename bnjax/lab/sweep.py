@@ -3,7 +3,7 @@
 A sweep is a list of configs (experiments are data). Runs that differ only in
 *values* (`config.vmapped_fields`: BN/renorm momentum, rmax, dmax, dropout
 rate, learning rate, seed) share one group: their K `TrainState`s are stacked along
-a leading axis and `jax.vmap(engine.make_train_steps(...))` trains them in one
+a leading axis and `engine.over_lanes(engine.make_train_steps(...))` trains them in one
 compiled program, one pass of the host loop, K models per step. Everything
 else (batch size, dropout placement, model, norm kind, schedules) changes
 shapes or structure and makes a separate group. On CPU a convolutional
@@ -223,11 +223,12 @@ def train_group(configs: Sequence[TrainConfig], dataset, settings: loop.Settings
   program = programs.lanes(configs, dataset, cache=cache)
   folders = folders or []
   checkpoints = rundir.Checkpoints(checkpoint_dir) if checkpoint_dir is not None else None
-  start_epoch, histories = checkpoints.resume(program, settings.log, 'group ') if checkpoints else (0, None)
+  resumed = checkpoints.resume(program, settings.log, 'group ') if checkpoints is not None else None
+  start_epoch, histories = resumed or (0, None)
   for folder, history in zip(folders, histories or [[] for _ in configs]):
     _guarded(folder.start_metrics, before_write)(history)
   outputs = loop.Outputs(sinks=[_guarded(f.add_epoch, before_write) for f in folders],
-                         checkpoint=_guarded(checkpoints.save, before_write) if checkpoints else None,
+                         checkpoint=_guarded(checkpoints.save, before_write) if checkpoints is not None else None,
                          checkpoint_every=1)
   try:
     result = loop.train(program, settings, outputs, start_epoch=start_epoch, histories=histories)
