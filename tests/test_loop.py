@@ -86,3 +86,16 @@ def test_bad_settings_name_the_flag_before_any_data_loads(settings, message):
 def test_a_freeze_point_past_the_steps_of_a_run(data_dir, dataset):
   with pytest.raises(ValueError, match='--freeze_bn_after=5 .*fewer than the 2 epochs'):
     programs.single(_config(data_dir, steps=20, epochs=C.DEFAULTS.epochs, freeze_bn_after=5), dataset)
+
+
+def test_every_steps_hook_and_the_fault_injection_come_from_the_settings(data_dir, dataset):
+  program = programs.single(_config(data_dir, epochs=3), dataset)
+  steps_per_epoch = program.plan.steps_per_epoch
+  seen, saved = [], []
+  settings = loop.Settings(progress=False, log=lambda m: None, interrupt_after_epoch=2,
+                           every_steps=(steps_per_epoch // 2, lambda step, state: seen.append((step, int(state.step)))))
+  outputs = loop.Outputs(checkpoint=lambda epoch, state, histories: saved.append(epoch), checkpoint_every=1)
+  with pytest.raises(loop.Interrupted, match='after epoch 2'):
+    loop.train(program, settings, outputs)
+  assert saved == [1, 2]  # the checkpoint of the epoch comes before the interruption
+  assert seen == [(step, step) for step in range(0, 2 * steps_per_epoch + 1, steps_per_epoch // 2)]

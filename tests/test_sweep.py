@@ -76,6 +76,15 @@ def test_grouping_values_together_structure_apart():
   assert [len(g) for g in sweep.group_runs(configs, max_group_size=3)].count(3) == 8
 
 
+def test_a_groups_structure_is_read_from_the_option_table():
+  config = C.canonical(TrainConfig(batch_size=128, momentum=0.9))
+  structure = sweep.group_structure(config)
+  assert structure['batch_size'] == 128  # off its default: part of the group key
+  assert 'momentum' not in structure  # a value: the lanes of a group vary it
+  assert {'model', 'norm', 'dropout_placement'} <= set(structure)  # the model's structure options
+  assert 'epochs' not in structure and sweep.group_structure(config, shown={'epochs'})['epochs'] == config.epochs
+
+
 def test_conv_groups_train_one_run_at_a_time_on_cpu_only():
   mlp, _ = sweep.expand_grid(TrainConfig(), {'momentum': [0.6, 0.9]})
   cnn, _ = sweep.expand_grid(TrainConfig(dataset='cifar10', model='cnn_seed'), {'momentum': [0.6, 0.9, 0.99]})
