@@ -383,15 +383,10 @@ def run_sweep(
     report: write `report.md` and its plots at the end.
     num_workers, worker_index: this process is one of several independent
       workers sharing `sweep_dir` (e.g. a SLURM job array): each group is
-      claimed atomically before it trains (`claims/<group>/`, see
-      `bnjax.lab.storage.claim`), so no group trains twice, and workers
-      start at different groups. A claim whose worker stopped heartbeating
-      for `claim_timeout` seconds (it died) is taken over, and the group
-      resumes from its checkpoint; a worker that finds, before any write,
-      that its claim was taken over (it was stopped past `claim_timeout`)
-      stops that group and goes on. A group claimed is looked at again:
-      finished meanwhile, it is left. Every worker rebuilds results.csv
+      claimed before it trains (`_claim`), so no group trains twice, and
+      workers start at different groups. Every worker rebuilds results.csv
       when it is done: the last one to finish writes the complete one.
+    claim_timeout: seconds without a heartbeat after which a claim is taken over.
   """
   if max_group_size is not None and max_group_size < 1:
     raise ValueError(f'--max_group_size={max_group_size} is invalid: expected a positive integer (or unset for '
@@ -441,7 +436,13 @@ def _groups_to_train(sweep: Sweep, configs: Sequence[TrainConfig], max_group_siz
 
 
 def _claim(sweep: Sweep, index: int, members: Sequence[TrainConfig]) -> storage.Claim | None:
-  """This worker's claim on an unfinished group (process 0 claims), or None: finished, or another worker's."""
+  """This worker's claim on an unfinished group (process 0 claims), or None: finished, or another worker's.
+
+  Claims are atomic (`claims/<group>/`, `bnjax.lab.storage.claim`). A claim whose worker stopped heartbeating
+  for `claim_timeout` seconds (it died) is taken over, and the group resumes from its checkpoint; a worker that
+  finds, before any write, that its claim was taken over (it was stopped past `claim_timeout`) stops that group
+  and goes on (`ClaimLost`). A group claimed is looked at again: finished meanwhile, it is left.
+  """
   if not (sweep.writer and _unfinished(sweep.folder, members)):  # (else another worker trained it meanwhile)
     return None
   claim = storage.claim(sweep.folder / 'claims' / group_folder_name(members), owner=sweep.owner,
