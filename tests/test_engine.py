@@ -127,3 +127,11 @@ def test_unrolled_steps_equal_scanned_steps(small):
   for i in range(batches.shape[0]):
     unrolled, _ = jax.jit(engine.make_train_steps(model, optimizer, unroll=True))(unrolled, images, labels, batches[i : i + 1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), scanned[0], unrolled)
+
+
+def test_metrics_add_sums_every_field():
+  a = engine.Metrics(jnp.asarray([1.0, 2.0]), jnp.asarray([1.0, 0.0]), jnp.asarray([4.0, 4.0]))
+  total = a.add(engine.Metrics(jnp.asarray([0.5, 0.5]), jnp.asarray([2.0, 3.0]), jnp.asarray([4.0, 4.0])))
+  assert isinstance(total, engine.Metrics)
+  np.testing.assert_array_equal(np.asarray(total), [[1.5, 2.5], [3.0, 3.0], [8.0, 8.0]])
+  np.testing.assert_array_equal(total.accuracy(), [3 / 8, 3 / 8])

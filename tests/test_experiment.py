@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bnjax.lab import config as C
-from bnjax.lab import experiment
+from bnjax.lab import experiment, loop
 
 QUIET = dict(progress=False, log=lambda message: None)
 METRIC_KEYS = ('epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
@@ -47,7 +47,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(data_dir, tmp
   settings = dict(epochs=3, dropout_placement='end', dropout_rate=0.2)
   whole = experiment.run(_config(data_dir, tmp_path / 'whole', **settings), **QUIET)
   config = _config(data_dir, tmp_path / 'cut', **settings)
-  with pytest.raises(experiment.Interrupted):
+  with pytest.raises(loop.Interrupted):
     experiment.run(config, interrupt_after_epoch=1, **QUIET)
   assert len(_metrics(tmp_path / 'cut')) == 1
   resumed = experiment.run(config, resume=True, **QUIET)

@@ -18,9 +18,9 @@ def dataset(data_dir):
   return build.dataset(_config(data_dir), put=jax.device_put)
 
 
-def _train(config, dataset, **kwargs):
+def _train(config, dataset, outputs=loop.Outputs()):
   program = programs.single(config, dataset)
-  result = loop.train(program, progress=False, log=lambda m: None, **kwargs)
+  result = loop.train(program, loop.Settings(progress=False, log=lambda m: None), outputs)
   return program, result, loop.summarize(program, result)[0]
 
 
@@ -48,13 +48,13 @@ def test_precise_bn_repairs_the_moving_statistics_bug(data_dir, dataset):
 def test_frozen_bn_keeps_the_moving_statistics_and_trains_the_weights(data_dir, dataset):
   saved = {}
   checkpoint = lambda epoch, state, histories: saved.update({epoch: jax.tree.map(np.asarray, state)})
-  _train(_config(data_dir, epochs=3, freeze_bn_after=1), dataset, checkpoint=checkpoint, checkpoint_every=1)
+  _train(_config(data_dir, epochs=3, freeze_bn_after=1), dataset, loop.Outputs(checkpoint=checkpoint, checkpoint_every=1))
   jax.tree.map(np.testing.assert_array_equal, saved[1].batch_stats, saved[3].batch_stats)
   assert not np.allclose(saved[1].params['linear_0']['kernel'], saved[3].params['linear_0']['kernel'])
   # With --precise_bn the layers freeze with the population statistics of the weights at the freeze.
   saved.clear()
-  _train(_config(data_dir, epochs=3, freeze_bn_after=1, precise_bn=500), dataset, checkpoint=checkpoint,
-         checkpoint_every=1)
+  _train(_config(data_dir, epochs=3, freeze_bn_after=1, precise_bn=500), dataset,
+         loop.Outputs(checkpoint=checkpoint, checkpoint_every=1))
   jax.tree.map(np.testing.assert_array_equal, saved[2].batch_stats, saved[3].batch_stats)
   assert not np.allclose(saved[1].batch_stats['norm_0']['mean'], saved[2].batch_stats['norm_0']['mean'])
 
@@ -86,3 +86,16 @@ def test_bad_settings_name_the_flag_before_any_data_loads(settings, message):
 def test_a_freeze_point_past_the_steps_of_a_run(data_dir, dataset):
   with pytest.raises(ValueError, match='--freeze_bn_after=5 .*fewer than the 2 epochs'):
     programs.single(_config(data_dir, steps=20, epochs=C.DEFAULTS.epochs, freeze_bn_after=5), dataset)
+
+
+def test_every_steps_hook_and_the_fault_injection_come_from_the_settings(data_dir, dataset):
+  program = programs.single(_config(data_dir, epochs=3), dataset)
+  steps_per_epoch = program.plan.steps_per_epoch
+  seen, saved = [], []
+  settings = loop.Settings(progress=False, log=lambda m: None, interrupt_after_epoch=2,
+                           every_steps=(steps_per_epoch // 2, lambda step, state: seen.append((step, int(state.step)))))
+  outputs = loop.Outputs(checkpoint=lambda epoch, state, histories: saved.append(epoch), checkpoint_every=1)
+  with pytest.raises(loop.Interrupted, match='after epoch 2'):
+    loop.train(program, settings, outputs)
+  assert saved == [1, 2]  # the checkpoint of the epoch comes before the interruption
+  assert seen == [(step, step) for step in range(0, 2 * steps_per_epoch + 1, steps_per_epoch // 2)]

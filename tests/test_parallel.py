@@ -1,4 +1,5 @@
-"""bnjax.lab.parallel: data-parallel training equals one device (8 forced CPU devices, in subprocesses).
+"""Data-parallel training (`bnjax.lab.engine`'s step over `bnjax.lab.parallel`'s meshes) equals one device
+(8 forced CPU devices, in subprocesses).
 
 XLA_FLAGS must be set before jax is imported, so the multi-device runs are
 scripts in tests/scripts run as subprocesses, each bounded by a timeout.

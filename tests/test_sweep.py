@@ -34,13 +34,13 @@ def read_csv(path):
 
 
 def test_parse_values_types_after_the_field():
-  assert sweep.parse_values('momentum', '0.6, 0.9') == [0.6, 0.9]
-  assert sweep.parse_values('batch_size', '32,128') == [32, 128]
-  assert sweep.parse_values('debias', 'true,false') == [True, False]
-  assert sweep.parse_values('virtual_batch_size', 'none,4') == [None, 4]
-  assert sweep.parse_values('dropout_placement', 'none,end') == ['none', 'end']
+  assert C.parse_values('momentum', '0.6, 0.9') == [0.6, 0.9]
+  assert C.parse_values('batch_size', '32,128') == [32, 128]
+  assert C.parse_values('debias', 'true,false') == [True, False]
+  assert C.parse_values('virtual_batch_size', 'none,4') == [None, 4]
+  assert C.parse_values('dropout_placement', 'none,end') == ['none', 'end']
   with pytest.raises(ValueError, match='unknown setting'):
-    sweep.parse_values('momentom', '0.9')
+    C.parse_values('momentom', '0.9')
 
 
 def test_expand_grid_drops_unused_options_and_deduplicates():
@@ -58,9 +58,9 @@ def test_expand_grid_drops_unused_options_and_deduplicates():
 
 def test_run_id_is_stable_and_ignores_outputs():
   a = TrainConfig(momentum=0.9)
-  assert sweep.run_id(a) == sweep.run_id(dataclasses.replace(a, workdir='x', progress_updates=3, data_dir='/d'))
-  assert sweep.run_id(a) != sweep.run_id(dataclasses.replace(a, momentum=0.99))
-  assert sweep.run_id(a) == '%s' % sweep.run_id(TrainConfig(momentum=0.9))
+  assert C.run_id(a) == C.run_id(dataclasses.replace(a, workdir='x', progress_updates=3, data_dir='/d'))
+  assert C.run_id(a) != C.run_id(dataclasses.replace(a, momentum=0.99))
+  assert C.run_id(a) == '%s' % C.run_id(TrainConfig(momentum=0.9))
 
 
 def test_grouping_values_together_structure_apart():
@@ -74,6 +74,15 @@ def test_grouping_values_together_structure_apart():
     for field in ('batch_size', 'norm', 'momentum_schedule'):
       assert len({getattr(c, field) for c in members}) == 1
   assert [len(g) for g in sweep.group_runs(configs, max_group_size=3)].count(3) == 8
+
+
+def test_a_groups_structure_is_read_from_the_option_table():
+  config = C.canonical(TrainConfig(batch_size=128, momentum=0.9))
+  structure = sweep.group_structure(config)
+  assert structure['batch_size'] == 128  # off its default: part of the group key
+  assert 'momentum' not in structure  # a value: the lanes of a group vary it
+  assert {'model', 'norm', 'dropout_placement'} <= set(structure)  # the model's structure options
+  assert 'epochs' not in structure and sweep.group_structure(config, shown={'epochs'})['epochs'] == config.epochs
 
 
 def test_conv_groups_train_one_run_at_a_time_on_cpu_only():
@@ -146,9 +155,9 @@ def test_vmapped_group_equals_sequential_runs(data_dir):
 def test_diverged_lane_does_not_stop_the_others(data_dir):
   configs, _ = sweep.expand_grid(tiny(data_dir, optimizer='sgd', norm='none'), {'learning_rate': [1e30, 0.05]})
   dataset = build.dataset(configs[0], put=jax.device_put)
-  records, _ = sweep.train_group(configs, dataset, log=lambda _: None)
-  assert records[0]['status'] == sweep.STATUS_DIVERGED and records[0]['diverged_epoch'] == 1
-  assert records[1]['status'] == sweep.STATUS_COMPLETED and np.isfinite(records[1]['test_accuracy_moving_stats'])
+  records, _ = sweep.train_group(configs, dataset, dataclasses.replace(sweep.GROUP_SETTINGS, log=lambda _: None))
+  assert records[0]['status'] == loop.STATUS_DIVERGED and records[0]['diverged_epoch'] == 1
+  assert records[1]['status'] == loop.STATUS_COMPLETED and np.isfinite(records[1]['test_accuracy_moving_stats'])
 
 
 # ----------------------------------------------------------------------------
@@ -166,10 +175,10 @@ def test_sweep_writes_results_records_errors_and_resumes(data_dir, tmp_path):
   records = sweep.run_sweep(configs, tmp_path, log=log.append)
   assert '2 already finished' in ''.join(log)
   rows = read_csv(tmp_path / 'results.csv')
-  assert sorted(r['run_id'] for r in rows) == sorted({sweep.run_id(c) for c in configs})
+  assert sorted(r['run_id'] for r in rows) == sorted({C.run_id(c) for c in configs})
   assert len(rows) == len(configs) == len(records) == 5
   statuses = {r['run_id']: r['status'] for r in rows}
-  assert statuses[sweep.run_id(configs[-1])] == sweep.STATUS_ERROR
+  assert statuses[C.run_id(configs[-1])] == sweep.STATUS_ERROR
   assert 'larger than' in next(r['error'] for r in rows if r['status'] == 'error')
   assert list(statuses.values()).count('completed') == 4
   done = next(r for r in rows if r['status'] == 'completed')
@@ -180,14 +189,14 @@ def test_sweep_writes_results_records_errors_and_resumes(data_dir, tmp_path):
   log.clear()
   sweep.run_sweep(configs, tmp_path, report=False, log=log.append)
   after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs').iterdir()}
-  failed = f'{sweep.run_id(configs[-1])}.json'
+  failed = f'{C.run_id(configs[-1])}.json'
   kept = lambda files: {k: v for k, v in files.items() if k not in (failed, failed[:-len('.json')])}
   assert kept(before) == kept(after)
   assert after[failed] != before[failed] and '4 already finished, 1 to train' in ''.join(log)
   # The folder re-used by another command: its results.csv and report hold that command's runs only.
   log.clear()
   sweep.run_sweep(configs[:2], tmp_path, report=False, log=log.append)
-  assert [r['run_id'] for r in read_csv(tmp_path / 'results.csv')] == [sweep.run_id(c) for c in configs[:2]]
+  assert [r['run_id'] for r in read_csv(tmp_path / 'results.csv')] == [C.run_id(c) for c in configs[:2]]
   assert '3 other run(s) recorded' in ''.join(log)
 
 
@@ -205,7 +214,7 @@ def test_a_sweep_killed_mid_group_resumes_that_group_to_the_same_numbers(data_di
     assert drop_time(a['history']) == drop_time(b['history'])
     assert a['test_accuracy_moving_stats'] == b['test_accuracy_moving_stats']
   assert not (tmp_path / 'cut' / 'groups').exists() or not list((tmp_path / 'cut' / 'groups').iterdir())
-  lines = (tmp_path / 'cut' / 'runs' / sweep.run_id(configs[0]) / 'metrics.jsonl').read_text().splitlines()
+  lines = (tmp_path / 'cut' / 'runs' / C.run_id(configs[0]) / 'metrics.jsonl').read_text().splitlines()
   assert len(lines) == 3  # the lane's metrics: the kept epochs and the resumed ones, once each
 
 
@@ -234,7 +243,7 @@ def test_a_group_that_fills_the_disk_keeps_its_checkpoints_and_its_rerun_resumes
   assert [r['status'] for r in records] == ['completed', 'completed']
   assert 'group resumed from the checkpoint of epoch 1' in ' '.join(log)
   for config in configs:
-    lines = (disk / 'sweep' / 'runs' / sweep.run_id(config) / 'metrics.jsonl').read_text().splitlines()
+    lines = (disk / 'sweep' / 'runs' / C.run_id(config) / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(l)['epoch'] for l in lines] == [1, 2, 3]
 
 

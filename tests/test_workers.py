@@ -195,6 +195,6 @@ def test_a_group_finished_between_a_workers_look_and_its_claim_is_not_trained_ag
   (record,) = sweep.run_sweep(configs, tmp_path / 'ours', report=False, log=log.append)
   assert 'group 1: finished by another worker meanwhile; skipped' in log
   assert record == json.loads(next((tmp_path / 'other' / 'runs').glob('*.json')).read_text())
-  assert not (tmp_path / 'ours' / 'runs' / sweep.run_id(configs[0])).exists()  # no metrics, no config written
+  assert not (tmp_path / 'ours' / 'runs' / C.run_id(configs[0])).exists()  # no metrics, no config written
   (folder,) = (tmp_path / 'ours' / 'claims').iterdir()
   assert [storage.read_json(p).get('released', False) for p in sorted(folder.iterdir())] == [False, True]

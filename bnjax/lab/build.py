@@ -16,7 +16,6 @@ from bnjax.lab import models
 from bnjax.lab import options as options_lib
 from bnjax import schedules
 from bnjax.lab.config import TrainConfig, validation_fraction
-from bnjax.lab.config import dataset_key  # noqa: F401  (re-exported)
 
 
 def model(config: TrainConfig) -> nn.Module:

@@ -132,6 +132,12 @@ def variance_shift(
   return {'train_over_eval': train_over_eval, 'moving_over_eval': moving_over_eval}
 
 
+def state_variance_shift(model: nn.Module, state, images: Array, hparams: Mapping | None = None) -> dict:
+  """`variance_shift` of a run's `bnjax.lab.engine.TrainState` (its dropout key derives from the run's seed)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return variance_shift(model, variables, images, jax.random.fold_in(state.rng, SHIFT_STREAM), hparams)
+
+
 def activation_percentiles(model: nn.Module, variables: Mapping[str, Any], images: Array, *, block: int = -1,
                            unit: int = 0, train: bool = False, rng: Array | None = None) -> Array:
   """`[3]`: the 15th, 50th and 85th percentiles of one unit's activation input (BN paper, Fig. 1b-c).

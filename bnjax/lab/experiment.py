@@ -11,7 +11,7 @@ statistics, the variance shift, times, status completed | diverged),
 checkpoint and ends with exactly the metrics of an uninterrupted run.
 
 With several devices (`config.num_devices`, default every device of every
-process) the steps run data-parallel (`bnjax.lab.parallel`). In a
+process) the steps run data-parallel (`bnjax.lab.engine.make_data_parallel_train_steps`). In a
 multi-process run every process runs this same function; process 0 writes
 the files above, and Orbax coordinates the checkpoints.
 """
@@ -29,7 +29,6 @@ import jax
 import optax
 
 from bnjax.lab import build, loop, parallel, plots, programs, rundir
-from bnjax.lab.loop import STATUS_COMPLETED, STATUS_DIVERGED, Interrupted  # noqa: F401  (re-exported)
 
 
 def environment() -> dict[str, Any]:
@@ -95,55 +94,65 @@ def run(
     resume: continue the run in `config.workdir` from its latest checkpoint
       (True: it must have one; 'auto': if it has one, else start).
     overwrite: replace the run `config.workdir` holds.
-    interrupt_after_epoch: fault injection: stop with `Interrupted` right
+    interrupt_after_epoch: fault injection: stop with `loop.Interrupted` right
       after that epoch's checkpoint (tests use it to check resuming).
     progress: show a tqdm progress bar per epoch.
     log: where the one-line messages go.
     folder_flag: how messages name the workdir (None: by its path).
   """
   start = time.perf_counter()
+  settings = loop.Settings(log=log, progress=progress, progress_updates=config.progress_updates,
+                           interrupt_after_epoch=interrupt_after_epoch)
   workdir = Path(config.workdir) if config.workdir else None
   locked_by_caller = workdir is not None and rundir.holds_lock(workdir)  # (train.py locks every variant first)
   resume = check_workdir(config, resume=resume, overwrite=overwrite, folder_flag=folder_flag)
   try:
-    return _run(config, workdir, start, dataset=dataset, resume=resume, interrupt_after_epoch=interrupt_after_epoch,
-                progress=progress, log=log, folder_flag=folder_flag)
+    folder = rundir.RunFolder(workdir, config, writer=parallel.is_main_process() and workdir is not None)
+    program, result, dataset = _train(config, settings, folder, dataset=dataset, resume=resume,
+                                      folder_flag=folder_flag)
+    summary = _summary(config, program, result, dataset)
+    summary['total_seconds'] = time.perf_counter() - start
+    folder.write_summary(summary)
+    if folder.writer and result.histories[0]:
+      plots.plot_curves({config.norm: result.histories[0]}, workdir / 'curves.png',
+                        title=f'{config.model} on {config.dataset}')
+    return summary
   finally:
     if workdir is not None and not locked_by_caller:
       rundir.unlock_folder(workdir, discard=True)
 
 
-def _run(config, workdir, start, *, dataset, resume, interrupt_after_epoch, progress, log,
-         folder_flag) -> dict[str, Any]:
-  """`run` in its locked, checked workdir."""
-  writer = parallel.is_main_process()
-  folder = rundir.RunFolder(workdir, config, writer=writer and workdir is not None)
+def _train(config, settings: loop.Settings, folder: rundir.RunFolder, *, dataset, resume: bool, folder_flag):
+  """`(program, loop.Result, dataset)`: the run trained in its locked, checked workdir (resumed if asked)."""
+  num_devices = parallel.resolve_num_devices(config.num_devices)
   if dataset is None:
-    single_device = parallel.resolve_num_devices(config.num_devices) == 1
-    dataset = build.dataset(config, put=jax.device_put if single_device else None)
+    dataset = build.dataset(config, put=jax.device_put if num_devices == 1 else None)
   program = programs.single(config, dataset)
+  workdir = folder.path
   checkpoints = rundir.Checkpoints(workdir / rundir.CHECKPOINTS) if workdir and config.checkpoint_every else None
-  start_epoch, histories = checkpoints.resume(program, log) if resume and checkpoints else (0, None)
+  start_epoch, histories = checkpoints.resume(program, settings.log) if resume and checkpoints else (0, None)
   history = histories[0] if histories else []
   if history:
     rundir.check_resumed_length(workdir, history[-1]['step'], program.plan, folder_flag)
-  folder.write_config(dict(environment(), num_devices=parallel.resolve_num_devices(config.num_devices)))
+  folder.write_config(dict(environment(), num_devices=num_devices))
   folder.start_metrics(history)
+  outputs = loop.Outputs(sinks=[folder.add_epoch], checkpoint=checkpoints.save if checkpoints else None,
+                         checkpoint_every=config.checkpoint_every)
   try:
-    result = loop.train(
-        program, start_epoch=start_epoch, histories=[history], sinks=[folder.add_epoch],
-        checkpoint=checkpoints.save if checkpoints else None, checkpoint_every=config.checkpoint_every,
-        progress_updates=config.progress_updates, progress=progress, interrupt_after_epoch=interrupt_after_epoch,
-        log=log,
-    )
+    result = loop.train(program, settings, outputs, start_epoch=start_epoch, histories=[history])
   finally:
     folder.close()
     if checkpoints is not None:
       checkpoints.close()
+  return program, result, dataset
+
+
+def _summary(config, program, result: loop.Result, dataset) -> dict[str, Any]:
+  """The run's summary (`loop.summarize`), with the test-time adaptation methods `--adapt` asks for."""
   evaluation_start = time.perf_counter()
   (summary,) = loop.summarize(program, result)
   summary['final_eval_seconds'] = time.perf_counter() - evaluation_start  # the end-of-run tests and probes
-  if summary['status'] == STATUS_DIVERGED:
+  if summary['status'] == loop.STATUS_DIVERGED:
     summary['message'] += ' (try a smaller --learning_rate)'
   elif config.adapt != 'source':
     from bnjax.lab import adaptation  # test-time adaptation on the test split (--adapt)
@@ -151,9 +160,4 @@ def _run(config, workdir, start, *, dataset, resume, interrupt_after_epoch, prog
     trained = result.precise_state if result.precise_state is not None else result.state
     summary.update(adaptation.summary_entries(adaptation.evaluate_methods(
         config, build.model(config), trained, dataset.test_images, dataset.test_labels)))
-  summary['total_seconds'] = time.perf_counter() - start
-  folder.write_summary(summary)
-  if folder.writer and result.histories[0]:
-    plots.plot_curves({config.norm: result.histories[0]}, workdir / 'curves.png',
-                      title=f'{config.model} on {config.dataset}')
   return summary

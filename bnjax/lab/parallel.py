@@ -1,40 +1,17 @@
-"""Data parallelism: one training step over every device (and host), on JAX's own runtime.
+"""Processes, meshes and device placement: where the engine's multi-device steps run, on JAX's own runtime.
 
     mesh = parallel.make_mesh(8)                                    # Mesh(('batch',))
-    train_steps = jax.jit(parallel.make_train_steps(model, optimizer, mesh, batch_size=512), donate_argnums=0)
-    state = parallel.replicate(state, mesh)
-    images, labels = parallel.replicate((images, labels), mesh)
-    state, metrics = train_steps(state, images, labels, batch_indices)   # [S, 512] global indices
+    state, data = parallel.replicate((state, (images, labels)), mesh)
+    metrics = parallel.gather(metrics)                              # readable by every process
 
-Design (measured against jit's SPMD partitioning, see benchmarks/bench_parallel.py):
-the engine's steps run inside `jax.shard_map` over a 1-D mesh with axis
-'batch'. The training state and the data arrays are replicated; the global
-batch indices `[S, B]` (from `engine.epoch_batches`: the same permutation on
-every process, given the seed) are sharded on their batch axis, so device d
-takes the contiguous slice `[d * B/D, (d+1) * B/D)` of every global batch and
-gathers its examples from its own copy of the data. Each host therefore only
-ever reads its devices' slices of each batch; the arrays are replicated
-because the data sets of this study fit in every device's memory.
-
-Inside, the model is built with `axis_name='batch'` so that BN reduces across
-devices (`bnjax.norm`):
-- 'sync': the statistics of the whole global batch (all-reduce of per-device
-  sums, weighted by valid counts), exactly as on one device with the global
-  batch;
-- 'local': each device normalizes its own shard (multi-GPU training without
-  sync BN): ghost BN with the per-device batch as the virtual batch. The
-  moving statistics pool every device's groups, so they stay identical on
-  every device.
-The loss is each device's sum over the global batch size; autodiff under
-`shard_map` sums the gradient of the replicated (unvarying) parameters over
-devices, which is then the gradient of the global mean (`engine.train_step`
-with `axis_name`); the metrics' sums are `psum`'d. Every device then applies
-the same update to its replica: no parameter ever differs across devices
-(`check_vma` would refuse a varying state as a replicated output).
+What the steps do over these meshes is `bnjax.lab.engine`'s
+(`make_data_parallel_train_steps`: one run's batch split along `AXIS`;
+`over_lanes`: K runs split along `RUNS_AXIS`).
 
 Multi-host: `initialize` (called first thing by experiments/train.py) starts
 `jax.distributed`; afterwards `jax.devices()` lists every process's devices,
-the mesh spans them all, and every process runs the same program.
+the mesh spans them all, and every process runs the same program; process 0
+writes the outputs (`is_main_process`) and decides for all (`from_main_process`).
 """
 
 from __future__ import annotations
@@ -43,17 +20,12 @@ import functools
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bnjax.lab import engine
-from bnjax.lab.options import NORM_KINDS, OPTIONS
-
-AXIS = 'batch'
-CROSS_DEVICE_STATS = OPTIONS['cross_device_stats'].choices
+AXIS = 'batch'  # a data-parallel run's batch is split along it
+RUNS_AXIS = 'runs'  # a sweep group's lanes are split along it
 # Environment variables read when the flags leave the distributed settings unset.
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'
 
@@ -180,6 +152,19 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   return Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
 
 
+def lane_mesh(num_lanes: int) -> Mesh | None:
+  """A 1-D mesh along `RUNS_AXIS` for a group of `num_lanes` runs, or None (one device, one process).
+
+  Its devices: this process's, or every process's devices under
+  `jax.distributed` (every process then trains the same group together).
+  """
+  distributed = jax.process_count() > 1
+  devices = jax.devices() if distributed else jax.local_devices()
+  if not distributed and (len(devices) < 2 or num_lanes < 2):
+    return None
+  return Mesh(np.asarray(devices), (RUNS_AXIS,))
+
+
 def shard_batch_spec() -> P:
   """Spec of `[S, B]` batch indices: the batch axis split over the devices."""
   return P(None, AXIS)
@@ -188,6 +173,11 @@ def shard_batch_spec() -> P:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Copies of `tree`'s arrays on every device of `mesh` (global arrays, also across processes)."""
   return put(tree, NamedSharding(mesh, P()))
+
+
+def split_lanes(tree: Any, mesh: Mesh) -> Any:
+  """`tree`'s arrays with their leading (lane) axis split over `mesh`'s `RUNS_AXIS`."""
+  return put(tree, NamedSharding(mesh, P(RUNS_AXIS)))
 
 
 def put(tree: Any, sharding: NamedSharding) -> Any:
@@ -223,99 +213,3 @@ def gather(tree: Any) -> Any:
 @functools.lru_cache(maxsize=None)
 def _replicator(shardings: tuple, treedef) -> Callable:
   return jax.jit(lambda tree: tree, out_shardings=jax.tree.unflatten(treedef, shardings))
-
-
-def device_model(model: nn.Module, cross_device_stats: str, local_batch: int) -> nn.Module:
-  """`model` as each device runs it: BN over the mapped axis, 'sync' or 'local' statistics.
-
-  'local' is ghost BN with the per-device batch as the virtual batch; a model
-  that already has ghost batches (norm='ghost', or renorm with
-  `virtual_batch_size`) keeps its groups, which must then divide `local_batch`
-  (groups never straddle devices): both modes are then the same.
-  """
-  if cross_device_stats not in CROSS_DEVICE_STATS:
-    raise ValueError(f'--cross_device_stats={cross_device_stats!r} is invalid: expected one of {CROSS_DEVICE_STATS}.')
-  norm = getattr(model, 'norm', None)
-  virtual = getattr(model, 'virtual_batch_size', None)
-  if norm is None or not NORM_KINDS[norm].cross_device:
-    return model
-  if virtual is not None:
-    if local_batch % virtual:
-      raise ValueError(
-          f'--virtual_batch_size={virtual} does not divide the per-device batch {local_batch} '
-          '(--batch_size / --num_devices): ghost batches must not straddle devices.'
-      )
-    return model.clone(axis_name=AXIS)
-  if cross_device_stats == 'local':
-    return model.clone(axis_name=AXIS, norm='ghost' if norm == 'bn' else norm,
-                       norm_options={**model.norm_options, 'virtual_batch_size': local_batch})
-  return model.clone(axis_name=AXIS)
-
-
-def make_train_steps(
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    batch_size: int,
-    cross_device_stats: str = 'sync',
-    update_stats: bool = True,
-    augment: Callable | None = None,
-    unroll: bool = False,
-    freeze_norm: bool = False,
-) -> Callable:
-  """`engine.make_train_steps`'s `run(state, images, labels, batch_indices [S, B], hparams)`, data-parallel.
-
-  `state`, `images`, `labels` replicated over `mesh` (`replicate`),
-  `batch_indices` the global batches' indices (`B = batch_size`); returns the
-  replicated new state and the metrics summed over the global batches. Not
-  jitted (jit it with the state donated).
-  """
-  local_batch = per_device_batch(batch_size, mesh.size)
-  run = engine.make_train_steps(
-      device_model(model, cross_device_stats, local_batch), optimizer,
-      update_stats=update_stats, augment=augment, unroll=unroll, axis_name=AXIS, freeze_norm=freeze_norm,
-  )
-  sharded = jax.shard_map(
-      run, mesh=mesh, in_specs=(P(), P(), P(), shard_batch_spec(), P()), out_specs=(P(), P())
-  )
-
-  def parallel_run(state, images, labels, batch_indices, hparams=None):
-    if batch_indices.shape[-1] != batch_size:
-      raise ValueError(f'batch_indices has shape {batch_indices.shape}; expected [steps, {batch_size}].')
-    return sharded(state, images, labels, batch_indices, hparams)
-
-  return parallel_run
-
-
-def make_evaluate(model: nn.Module, mesh: Mesh, *, batch_size: int, eval_stats: str = 'moving') -> Callable:
-  """`engine.make_evaluate`'s `evaluate(state, images, labels, hparams) -> Metrics`, its work split over `mesh`.
-
-  With the moving statistics each example's prediction is its own: every
-  device evaluates a contiguous `1/D` of the (replicated) examples, in
-  batches of `batch_size / D`, and the metrics are summed over the devices;
-  the last `num % D` examples are evaluated on every device. With
-  `eval_stats='batch'` which examples share a batch is part of the result,
-  so that evaluation stays `engine.make_evaluate`'s, replicated (it runs
-  once, at the end of a run). Not jitted.
-  """
-  whole = engine.make_evaluate(model, batch_size=batch_size, eval_stats=eval_stats)
-  if eval_stats != 'moving' or mesh.size == 1:
-    return whole
-  local = engine.make_evaluate(model, batch_size=-(-batch_size // mesh.size))
-
-  def summed(state, images, labels, hparams):
-    return jax.tree.map(lambda total: jax.lax.psum(total, AXIS), local(state, images, labels, hparams))
-
-  # check_vma=False: the engine's scan starts its sums from (unvarying) zeros and adds each device's own metrics.
-  sharded = jax.shard_map(summed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=P(), check_vma=False)
-
-  def evaluate(state, images, labels, hparams=None):
-    split = images.shape[0] - images.shape[0] % mesh.size
-    totals = sharded(state, images[:split], labels[:split], hparams)
-    if split < images.shape[0]:
-      rest = whole(state, images[split:], labels[split:], hparams)
-      totals = jax.tree.map(lambda a, b: a + b, totals, rest)
-    return totals
-
-  return evaluate

@@ -3,12 +3,15 @@
 A `Program` is what `bnjax.lab.loop.train` needs, whatever the run:
 
 - `single(config, dataset)`: one run, on one device or data-parallel over
-  every device (`bnjax.lab.parallel`); its metrics get a leading lane axis of
-  size 1 so that the loop treats it as a group of one lane.
+  every device (`engine.make_data_parallel_train_steps`); its metrics get a
+  leading lane axis of size 1 so that the loop treats it as a group of one lane.
 - `lanes(configs, dataset)`: K runs that differ only in values
   (`config.vmapped_fields`: BN/renorm momentum, rmax, dmax, dropout rate,
   learning rate, seed), their `TrainState`s stacked on a leading axis and
-  `jax.vmap(engine.make_train_steps(...))` training them in one program.
+  `engine.over_lanes(engine.make_train_steps(...))` training them in one program.
+
+What the compiled functions compute is `bnjax.lab.engine`'s; this module
+builds them from the configs, compiles them and hands them to the loop.
 
 How each value reaches its lane:
 - model values (`config.model_values`) go through `apply(..., hparams=...)`,
@@ -29,7 +32,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bnjax.lab import build, diagnostics, engine, parallel
@@ -124,8 +126,46 @@ def _compiled_by_length(fn: Callable, *static_args) -> Callable:
   return run
 
 
+def _by_freezing(make: Callable) -> Callable:
+  """`frozen -> make(frozen)`, each made once, when first needed (most runs never freeze)."""
+  made: dict[bool, Callable] = {}
+
+  def get(frozen: bool):
+    if frozen not in made:
+      made[frozen] = make(frozen)
+    return made[frozen]
+
+  return get
+
+
 def _with_lane_axis(tree):
   return jax.tree.map(lambda leaf: leaf[None], tree)
+
+
+def _split(dataset, split: str):
+  return {'val': (dataset.val_images, dataset.val_labels), 'test': (dataset.test_images, dataset.test_labels)}[split]
+
+
+def checked_norm_paths(config, model, sample) -> list | None:
+  """The model's norm layers (`models.norm_layer_paths`) where the run needs them (the weight-decay mask), or
+  for a model from an import path, checked: a norm asked for and none built is a one-line error."""
+  from bnjax.lab import models, registry
+
+  if config.norm_weight_decay and registry.canonical_name(config.model) in registry.ENTRIES:
+    return None
+  paths = models.norm_layer_paths(model, sample)
+  models.check_norm_layers(model, paths)
+  return paths
+
+
+def _step_options(config, step_loop: str) -> dict:
+  """`engine.make_train_steps`'s options for the run (its frozen-BN switch aside)."""
+  return dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
+              unroll=step_loop == 'python')
+
+
+# ----------------------------------------------------------------------------
+# One run.
 
 
 def single(config, dataset, *, state=None) -> Program:
@@ -141,91 +181,51 @@ def single(config, dataset, *, state=None) -> Program:
   if state is None:
     state = engine.init_train_state(model, optimizer, config.seed, dataset.train_images[:1])
   step_loop = engine.step_loop_for(model, config.step_loop, sample=dataset.train_images[:1])
-  options = dict(update_stats=config.update_stats, augment=augment_cifar if config.augment else None,
-                 unroll=step_loop == 'python')
   if mesh is not None:
     state = parallel.replicate(state, mesh)
-
-  def steps_for(frozen: bool):
-    if mesh is None:
-      steps = engine.make_train_steps(model, optimizer, freeze_norm=frozen, **options)
-    else:
-      steps = parallel.make_train_steps(model, optimizer, mesh, batch_size=config.batch_size,
-                                        cross_device_stats=config.cross_device_stats, freeze_norm=frozen, **options)
-    return _compiled_by_length(jax.jit(steps, donate_argnums=0), dataset.train_images, dataset.train_labels)
-
-  train = _by_freezing(steps_for)
-  moving_statistics = config_lib.has_moving_statistics(config)
-  if mesh is None:
-    make_evaluate = functools.partial(engine.make_evaluate, model, batch_size=config.eval_batch_size)
-  else:  # each device evaluates its share of the examples
-    make_evaluate = functools.partial(parallel.make_evaluate, model, mesh, batch_size=config.eval_batch_size)
-  evaluators = {'moving': jax.jit(make_evaluate())}
-  evaluators['batch'] = jax.jit(make_evaluate(eval_stats='batch')) if moving_statistics else evaluators['moving']
+  steps = _single_train_steps(config, model, optimizer, mesh, step_loop)
+  train = _by_freezing(lambda frozen: _compiled_by_length(jax.jit(steps(frozen), donate_argnums=0),
+                                                          dataset.train_images, dataset.train_labels))
+  evaluators = _single_evaluators(config, model, mesh)
   batches = jax.jit(engine.epoch_batches, static_argnums=(2, 3))
+  precise = jax.jit(functools.partial(engine.precise_state, model))
+  shift = jax.jit(functools.partial(diagnostics.state_variance_shift, model))
 
   def train_chunk(state, indices, frozen=False):
     state, metrics = train(frozen)(state, indices)
     return state, _with_lane_axis(metrics)
 
-  precise_jitted = jax.jit(functools.partial(precise_state, model))
-  precise = lambda state, indices: precise_jitted(dataset.train_images, state, indices)
-
-  def evaluate(state, split, stats):
-    images, labels = _split(dataset, split)
-    return _with_lane_axis(evaluators[stats](state, images, labels))
-
-  shift = jax.jit(functools.partial(lane_variance_shift, model))
-  variance_shift = lambda state: _with_lane_axis(
-      shift(state, diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size), None))
-
   return Program(
       configs=[config], state=state, plan=plan, step_loop=step_loop, train_chunk=train_chunk,
       compile_chunk=lambda state, indices, frozen=False: train(frozen).compile_for(state, indices),
-      precise=precise,
+      precise=lambda state, indices: precise(dataset.train_images, state, indices),
       epoch_batches=lambda state, epoch: batches(state, epoch, num_train, config.batch_size),
-      evaluate=evaluate, variance_shift=variance_shift, has_moving_statistics=moving_statistics,
+      evaluate=lambda state, split, stats: _with_lane_axis(evaluators[stats](state, *_split(dataset, split))),
+      variance_shift=lambda state: _with_lane_axis(
+          shift(state, diagnostics.probe_examples(dataset.test_images, config.virtual_batch_size), None)),
+      has_moving_statistics=config_lib.has_moving_statistics(config),
   )
 
 
-def checked_norm_paths(config, model, sample) -> list | None:
-  """The model's norm layers (`models.norm_layer_paths`) where the run needs them (the weight-decay mask), or
-  for a model from an import path, checked: a norm asked for and none built is a one-line error."""
-  from bnjax.lab import models, registry
-
-  if config.norm_weight_decay and registry.canonical_name(config.model) in registry.ENTRIES:
-    return None
-  paths = models.norm_layer_paths(model, sample)
-  models.check_norm_layers(model, paths)
-  return paths
+def _single_train_steps(config, model, optimizer, mesh, step_loop: str) -> Callable:
+  """`frozen -> run(state, images, labels, indices)` (not jitted): one device, or data-parallel over `mesh`."""
+  options = _step_options(config, step_loop)
+  if mesh is None:
+    return lambda frozen: engine.make_train_steps(model, optimizer, freeze_norm=frozen, **options)
+  return lambda frozen: engine.make_data_parallel_train_steps(
+      model, optimizer, mesh, batch_size=config.batch_size, cross_device_stats=config.cross_device_stats,
+      freeze_norm=frozen, **options)
 
 
-def _by_freezing(make: Callable) -> Callable:
-  """`frozen -> make(frozen)`, each made once, when first needed (most runs never freeze)."""
-  made: dict[bool, Callable] = {}
-
-  def get(frozen: bool):
-    if frozen not in made:
-      made[frozen] = make(frozen)
-    return made[frozen]
-
-  return get
-
-
-def precise_state(model, train_images, state, indices, hparams=None):
-  """`state` with the population statistics of `train_images[indices]` (`[S, B]`) as its `batch_stats`."""
-  from bnjax import linen
-
-  values = dict(hparams or {}, dropout_rate=0.0)  # the inputs each layer sees at inference
-  apply_fn = lambda variables, images, mutable: model.apply(variables, images, train=True, hparams=values,
-                                                            mutable=mutable)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  stats = linen.precise_batch_stats(apply_fn, variables, train_images[indices], num_examples=None)
-  return state._replace(batch_stats=stats)
-
-
-def _split(dataset, split: str):
-  return {'val': (dataset.val_images, dataset.val_labels), 'test': (dataset.test_images, dataset.test_labels)}[split]
+def _single_evaluators(config, model, mesh) -> dict[str, Callable]:
+  """`{'moving' | 'batch': evaluate(state, images, labels)}`, jitted; without moving statistics both are one."""
+  if mesh is None:
+    make = functools.partial(engine.make_evaluate, model, batch_size=config.eval_batch_size)
+  else:  # each device evaluates its share of the examples
+    make = functools.partial(engine.make_data_parallel_evaluate, model, mesh, batch_size=config.eval_batch_size)
+  moving = jax.jit(make())
+  return {'moving': moving,
+          'batch': jax.jit(make(eval_stats='batch')) if config_lib.has_moving_statistics(config) else moving}
 
 
 # ----------------------------------------------------------------------------
@@ -254,72 +254,49 @@ def lane_values(configs: Sequence[Any]) -> dict[str, Any]:
           for name in config_lib.model_values(configs[0])}
 
 
-def lane_variance_shift(model, state, images, hparams):
-  """`diagnostics.variance_shift` of one run's state (the dropout key derives from its seed)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  rng = jax.random.fold_in(state.rng, diagnostics.SHIFT_STREAM)
-  return diagnostics.variance_shift(model, variables, images, rng, hparams)
+class GroupFunctions(NamedTuple):
+  """The jitted functions of a group (`engine.over_lanes`); they depend only on the group key and the mesh."""
+
+  model: Any
+  optimizer: optax.GradientTransformation
+  step_loop: str
+  train: Callable  # frozen -> the group's steps
+  precise: Callable
+  batches: Callable
+  evaluate: dict[str, Callable]  # 'moving' | 'batch' (one function without moving statistics)
+  shift: Callable
+  moving_statistics: bool
 
 
-def _lane_functions(config, total_steps: int, mesh=None, sample=None) -> dict:
-  """The jitted vmapped functions of a group; they depend only on the group key and the mesh (cached).
-
-  With a `mesh` (`lane_mesh`) each device runs its own lanes: the vmapped
-  function under `shard_map` over `RUNS_AXIS`, not jit's SPMD partitioner,
-  which on XLA:CPU ran 2 lanes of cifar_cnn over 2 devices 3.8x slower
-  (1173 vs 305 ms per step). A device's lanes compute what one device computes
-  alone, equal up to rounding.
-  """
+def group_functions(config, total_steps: int, mesh=None, sample=None) -> GroupFunctions:
+  """A group's functions, each over its K lanes (with a `mesh`, each device runs its own lanes)."""
   model = build.model(config)
   optimizer = group_optimizer(config, total_steps, checked_norm_paths(config, model, sample))
   step_loop = engine.step_loop_for(model, config.step_loop, sample=sample)
-
-  def vmapped(fn, axes, **jit_options):
-    fn = jax.vmap(fn, in_axes=axes)
-    if mesh is not None:
-      from jax.sharding import PartitionSpec
-
-      specs = tuple(PartitionSpec() if axis is None else PartitionSpec(RUNS_AXIS) for axis in axes)
-      # check_vma=False: the lanes never communicate, and scans start their sums from unvarying zeros.
-      fn = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(RUNS_AXIS), check_vma=False)
-    return jax.jit(fn, **jit_options)
-
-  def train_for(frozen: bool):
-    steps = engine.make_train_steps(model, optimizer, update_stats=config.update_stats, freeze_norm=frozen,
-                                    augment=augment_cifar if config.augment else None, unroll=step_loop == 'python')
-    return vmapped(steps, (0, None, None, 0, 0), donate_argnums=0)
-
-  evaluate = lambda stats: vmapped(engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats=stats),
-                                   (0, None, None, 0))
+  options = _step_options(config, step_loop)
+  train_for = lambda frozen: engine.over_lanes(engine.make_train_steps(model, optimizer, freeze_norm=frozen, **options),
+                                               (0, None, None, 0, 0), mesh, donate_argnums=0)
+  evaluate = lambda stats: engine.over_lanes(
+      engine.make_evaluate(model, batch_size=config.eval_batch_size, eval_stats=stats), (0, None, None, 0), mesh)
   moving_statistics = config_lib.has_moving_statistics(config)
-  return dict(
-      model=model, optimizer=optimizer, step_loop=step_loop,
-      train=_by_freezing(train_for),
-      precise=vmapped(lambda images, state, indices, hparams: precise_state(model, images, state, indices, hparams),
-                      (None, 0, 0, 0)),
+  moving = evaluate('moving')
+  return GroupFunctions(
+      model=model, optimizer=optimizer, step_loop=step_loop, train=_by_freezing(train_for),
+      precise=engine.over_lanes(functools.partial(engine.precise_state, model), (None, 0, 0, 0), mesh),
       batches=jax.jit(jax.vmap(engine.epoch_batches, in_axes=(0, None, None, None)), static_argnums=(2, 3)),
-      evaluate={'moving': evaluate('moving'), 'batch': evaluate('batch') if moving_statistics else None},
-      shift=vmapped(functools.partial(lane_variance_shift, model), (0, None, 0)),
+      evaluate={'moving': moving, 'batch': evaluate('batch') if moving_statistics else moving},
+      shift=engine.over_lanes(functools.partial(diagnostics.state_variance_shift, model), (0, None, 0), mesh),
       moving_statistics=moving_statistics,
   )
 
 
-RUNS_AXIS = 'runs'
-
-
-def lane_mesh(num_lanes: int):
-  """A 1-D mesh along `RUNS_AXIS` for a group of `num_lanes` runs, or None (one device, one process).
-
-  Its devices: this process's, or every process's devices under
-  `jax.distributed` (every process then trains the same group together).
-  """
-  from jax.sharding import Mesh
-
-  distributed = jax.process_count() > 1
-  devices = jax.devices() if distributed else jax.local_devices()
-  if not distributed and (len(devices) < 2 or num_lanes < 2):
-    return None
-  return Mesh(np.asarray(devices), (RUNS_AXIS,))
+def _group_key(configs: Sequence[Any]) -> str:
+  """The one `config.group_key` of the runs; a one-line error when they make several groups."""
+  keys = {config_lib.group_key(c) for c in configs}
+  if len(keys) != 1:
+    raise ValueError(f'the runs of a group must differ only in values ({config_lib.vmapped_fields(configs[0])}); '
+                     f'they make groups {sorted(keys)}.')
+  return keys.pop()
 
 
 def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=None, spread: bool = True) -> Program:
@@ -333,50 +310,38 @@ def lanes(configs: Sequence[Any], dataset, *, cache: dict | None = None, state=N
   `jax.distributed` the mesh spans every process's devices: each process
   passes the same runs, and every metric comes back whole to every process.
   """
-  keys = {config_lib.group_key(c) for c in configs}
-  if len(keys) != 1:
-    raise ValueError(f'the runs of a group must differ only in values ({config_lib.vmapped_fields(configs[0])}); '
-                     f'they make groups {sorted(keys)}.')
-  first = configs[0]
-  num_train = dataset.train_images.shape[0]
+  group = _group_key(configs)
+  first, num_train = configs[0], dataset.train_images.shape[0]
   plan = Plan.of(first, num_train)
   cache = {} if cache is None else cache
-  mesh = lane_mesh(len(configs)) if spread else None
-  key = (keys.pop(), plan.total_steps, mesh)
+  mesh = parallel.lane_mesh(len(configs)) if spread else None
+  key = (group, plan.total_steps, mesh)
   if key not in cache:
-    cache[key] = _lane_functions(first, plan.total_steps, mesh, dataset.train_images[:1])
+    cache[key] = group_functions(first, plan.total_steps, mesh, dataset.train_images[:1])
   f = cache[key]
   padding = (-len(configs)) % mesh.size if mesh is not None else 0
   configs = list(configs) + [configs[-1]] * padding
   if state is None:
     # A full batch as the init sample: ghost BN checks that its virtual batch divides the batch.
-    state = init_lane_states(f['model'], f['optimizer'], configs, dataset.train_images[: first.batch_size])
+    state = init_lane_states(f.model, f.optimizer, configs, dataset.train_images[: first.batch_size])
   hparams = lane_values(configs)
   if mesh is not None:
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    state, hparams = parallel.put((state, hparams), NamedSharding(mesh, PartitionSpec(RUNS_AXIS)))
+    state, hparams = parallel.split_lanes((state, hparams), mesh)
     dataset = parallel.replicate(dataset, mesh)
-  train = _by_freezing(lambda frozen: _compiled_by_length(f['train'](frozen), dataset.train_images,
+  train = _by_freezing(lambda frozen: _compiled_by_length(f.train(frozen), dataset.train_images,
                                                           dataset.train_labels))
-  evaluators = {stats: fn or f['evaluate']['moving'] for stats, fn in f['evaluate'].items()}
 
   def train_chunk(state, indices, frozen=False):
     state, metrics = train(frozen)(state, indices, hparams)
     return state, parallel.gather(metrics)
 
-  def evaluate(state, split, stats):
-    images, labels = _split(dataset, split)
-    return parallel.gather(evaluators[stats](state, images, labels, hparams))
-
   return Program(
-      configs=list(configs), state=state, plan=plan, step_loop=f['step_loop'],
-      train_chunk=train_chunk,
+      configs=configs, state=state, plan=plan, step_loop=f.step_loop, train_chunk=train_chunk,
       compile_chunk=lambda state, indices, frozen=False: train(frozen).compile_for(state, indices, hparams),
-      precise=lambda state, indices: f['precise'](dataset.train_images, state, indices, hparams),
-      epoch_batches=lambda state, epoch: f['batches'](state, epoch, num_train, first.batch_size),
-      evaluate=evaluate,
-      variance_shift=lambda state: parallel.gather(f['shift'](
+      precise=lambda state, indices: f.precise(dataset.train_images, state, indices, hparams),
+      epoch_batches=lambda state, epoch: f.batches(state, epoch, num_train, first.batch_size),
+      evaluate=lambda state, split, stats: parallel.gather(f.evaluate[stats](state, *_split(dataset, split), hparams)),
+      variance_shift=lambda state: parallel.gather(f.shift(
           state, diagnostics.probe_examples(dataset.test_images, first.virtual_batch_size), hparams)),
-      has_moving_statistics=f['moving_statistics'], padding=padding,
+      has_moving_statistics=f.moving_statistics, padding=padding,
   )

@@ -20,7 +20,7 @@ if process_id >= 0:
 
 import jax  # noqa: E402
 
-from bnjax import build, engine  # noqa: E402
+from bnjax.lab import build, engine  # noqa: E402
 from bnjax.lab.config import TrainConfig  # noqa: E402
 
 BATCH, STEPS = 64, 3
@@ -33,7 +33,7 @@ state = engine.init_train_state(model, optimizer, config.seed, images[:BATCH])
 if process_id >= 0:
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
   mesh = parallel.make_mesh()
-  step = jax.jit(parallel.make_train_steps(model, optimizer, mesh, batch_size=BATCH))
+  step = jax.jit(engine.make_data_parallel_train_steps(model, optimizer, mesh, batch_size=BATCH))
   state, data = parallel.replicate((state, (images, labels)), mesh)
 else:
   step = jax.jit(engine.make_train_steps(model, optimizer))

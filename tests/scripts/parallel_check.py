@@ -45,7 +45,7 @@ def train(config, num_devices, cross_device_stats='sync'):
       data = (images, labels)
   else:
     mesh = parallel.make_mesh(num_devices)
-    step = jax.jit(parallel.make_train_steps(
+    step = jax.jit(engine.make_data_parallel_train_steps(
         model, optimizer, mesh, batch_size=BATCH, cross_device_stats=cross_device_stats))
     state, data = parallel.replicate((state, (images, labels)), mesh)
   losses = []
@@ -93,7 +93,7 @@ check('renorm sync moving statistics', state.batch_stats, want_state.batch_stats
 losses, _ = train(bn, 4, 'sync')
 check('sync on 4 of 8 devices', losses, train(bn, 1)[0], TOL)
 try:
-  parallel.make_train_steps(build.model(bn), build.optimizer(bn, 1), parallel.make_mesh(DEVICES), batch_size=60)
+  engine.make_data_parallel_train_steps(build.model(bn), build.optimizer(bn, 1), parallel.make_mesh(DEVICES), batch_size=60)
 except ValueError as error:
   assert '--batch_size=60' in str(error) and '--num_devices=8' in str(error), error
   print('ok indivisible batch rejected:', error)
@@ -106,7 +106,7 @@ trained = train(bn, 1)[1]
 mesh = parallel.make_mesh(DEVICES)
 for stats in ('moving', 'batch'):
   want = jax.jit(engine.make_evaluate(model, batch_size=100, eval_stats=stats))(trained, images[:509], labels[:509])
-  got = jax.jit(parallel.make_evaluate(model, mesh, batch_size=100, eval_stats=stats))(
+  got = jax.jit(engine.make_data_parallel_evaluate(model, mesh, batch_size=100, eval_stats=stats))(
       *parallel.replicate((trained, images[:509], labels[:509]), mesh))
   assert float(got.count) == 509 and float(got.correct) == float(want.correct), (stats, got, want)
   check(f'evaluation on 8 devices = 1 device ({stats} statistics)', got, want, TOL)

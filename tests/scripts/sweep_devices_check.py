@@ -25,7 +25,7 @@ dataset = build.dataset(base, put=jax.device_put)
 
 def train(spread):
   program = programs.lanes(configs, dataset, spread=spread)
-  result = loop.train(program, progress=False, log=lambda m: None)
+  result = loop.train(program, loop.Settings(progress=False, log=lambda m: None))
   summaries = loop.summarize(program, result)
   for summary, history in zip(summaries, result.histories):
     summary['history'] = history
