@@ -424,7 +424,7 @@ def _engine_step(model, images, labels, batch, mesh=None):
   if mesh is None:
     steps = engine.make_train_steps(model, tx, unroll=True)
   else:
-    steps = parallel.make_train_steps(model, tx, mesh, batch_size=batch, unroll=True)
+    steps = engine.make_data_parallel_train_steps(model, tx, mesh, batch_size=batch, unroll=True)
     state, images, labels = parallel.replicate((state, images, labels), mesh)
   holder = [state]
   compiled = jax.jit(steps, donate_argnums=0).lower(holder[0], images, labels, batches[:1]).compile()

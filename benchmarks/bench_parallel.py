@@ -46,7 +46,7 @@ def worker(devices: int, mode: str, batch: int, steps: int, repeats: int) -> Non
     data = jax.device_put((images, labels))
   else:
     mesh = parallel.make_mesh(devices)
-    run = parallel.make_train_steps(model, optimizer, mesh, batch_size=batch, cross_device_stats=mode)
+    run = engine.make_data_parallel_train_steps(model, optimizer, mesh, batch_size=batch, cross_device_stats=mode)
     state, data = parallel.replicate((state, (images, labels)), mesh)
   train_steps = jax.jit(run, donate_argnums=0)
   batches = engine.epoch_batches(state, 0, images.shape[0], batch)

@@ -12,6 +12,7 @@ the variants; medians are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from bnjax import build, experiment, sweep  # noqa: E402
+from bnjax.lab import build, experiment, sweep  # noqa: E402
 from bnjax.lab.config import TrainConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -38,13 +39,14 @@ def main():
   configs, _ = sweep.expand_grid(base, {'momentum': MOMENTA})
   dataset = build.dataset(base, put=jax.device_put)
   quiet = lambda _: None
+  settings = dataclasses.replace(sweep.GROUP_SETTINGS, log=quiet)
 
   def vmapped():
-    return sweep.train_group(configs, dataset, cache={}, log=quiet)[0]
+    return sweep.train_group(configs, dataset, settings, cache={})[0]
 
   def sequential():
     cache = {}
-    return [sweep.train_group([c], dataset, cache=cache, log=quiet)[0][0] for c in configs]
+    return [sweep.train_group([c], dataset, settings, cache=cache)[0][0] for c in configs]
 
   def experiment_runs():
     return [experiment.run(c, dataset=dataset, progress=False, log=quiet) for c in configs]

@@ -17,7 +17,7 @@ def trained_program(config, dataset, log):
   from bnjax.lab import loop, programs
 
   program = programs.single(config, dataset)
-  result = loop.train(program, progress=False, log=log)
+  result = loop.train(program, loop.Settings(progress=False, log=log))
   return program, loop.summarize(program, result)[0]
 
 

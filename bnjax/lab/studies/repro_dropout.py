@@ -52,13 +52,14 @@ def add_shift_at_init(records: Sequence[dict]) -> None:
   """Adds `variance_shift_at_init` (and its blocks) to each record: seed 0's model of its setting."""
   import jax
 
-  from bnjax.lab import build, sweep
+  from bnjax.lab import build
+  from bnjax.lab.config import run_id
 
   cache: dict[str, dict] = {}
   images = None
   for record in records:
     config = TrainConfig(**{**record['config'], 'seed': 0})
-    key = sweep.run_id(config)
+    key = run_id(config)
     if key not in cache:
       images = images if images is not None else build.dataset(config).test_images
       cache[key] = shift_at_init(config, jax.numpy.asarray(images))

@@ -57,7 +57,7 @@ def train_tracked(config: TrainConfig, dataset, every: int, log) -> dict:
     if len(track['step']) % 20 == 1 or step == program.plan.total_steps:
       log(f'{config.norm}: step {step}/{program.plan.total_steps}  test accuracy {track["test_accuracy"][-1]:.4f}')
 
-  loop.train(program, every_steps=(every, record), progress=False, log=lambda message: None)
+  loop.train(program, loop.Settings(every_steps=(every, record), progress=False, log=lambda message: None))
   return track
 
 
