@@ -229,10 +229,8 @@ def _model_expected() -> str:
 def _model_help() -> str:
   from bnjax.lab import registry
 
-  listed = '; '.join(f'{e.name}' + (f' (alias {", ".join(e.aliases)})' if e.aliases else '')
-                     for e in registry.ENTRIES.values())
-  return ('Model: a registered name (bnjax.lab.registry: ' + listed + ') or the import path of your own builder, '
-          'package.module:function. Its own training settings are the defaults of the other flags.')
+  return (f'Model: a registered name (bnjax.lab.registry: {", ".join(registry.names())}) or the import path of your '
+          'own builder, package.module:function. Its own training settings are the defaults of the other flags.')
 
 
 def _in(low, high, *, low_open=False, high_open=False):
