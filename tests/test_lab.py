@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnjax.lab import config as C
-from bnjax.lab import models, options
+from bnjax.lab import corruption_table, models, options
 from conftest import REPO
 
 FLAX_MODULES = ('linen', 'nnx', 'adapt')  # the only modules of bnjax/ that import Flax (loaded on first use)
@@ -61,6 +61,12 @@ def test_config_fields_flags_and_hparams_derive_from_the_table():
   for option in options.OPTIONS.values():
     assert f'--{option.name}' in train_help or f'--[no]{option.name}' in train_help, option.name
     assert option.help.split()[0] in train_help
+
+
+def test_the_data_sets_are_the_data_registry_s():
+  from bnjax.lab.data import sources  # imports JAX, which the option table must not
+
+  assert options.OPTIONS['dataset'].allowed() == tuple(sources.SPECS) + tuple(corruption_table.CLEAN)
 
 
 def test_has_moving_statistics_comes_from_the_norm_kind():

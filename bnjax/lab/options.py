@@ -25,6 +25,8 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+from bnjax.lab import corruption_table
+
 # Roles of an option in a sweep.
 VALUE = 'value'  # a number the compiled program takes: runs differing only in values train as one vmapped group
 STRUCTURE = 'structure'  # changes the program (shapes, layers, schedules): a separate group
@@ -252,7 +254,10 @@ _inverse_decay = lambda c: c.momentum_schedule == 'inverse_decay'
 _warmup_clipping = lambda c: c.renorm_clipping == 'warmup'
 _constant_clipping = lambda c: c.renorm_clipping == 'constant'
 _with_dropout = lambda c: c.dropout_placement != 'none'
-_corrupted = lambda c: c.dataset.endswith('_corrupted')
+_corrupted = lambda c: corruption_table.is_corrupted(c.dataset)
+# The data sets of `bnjax.lab.data.sources.SPECS` (which imports JAX: tests/test_lab.py checks the two agree).
+CLEAN_DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
+_CORRUPTED = ' or '.join(corruption_table.CLEAN)
 ADAPT_METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
 # Methods are separated by ',' (or '+', which a sweep's comma lists leave alone: --adapt=source+tent).
 adapt_methods = lambda text: tuple(m.strip() for m in str(text).replace('+', ',').split(','))
@@ -277,15 +282,15 @@ def _o(*args, **kwargs) -> Option:
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (
     # Data.
-    _o('dataset', str, 'mnist', 'Data set; mnist_corrupted / cifar10_corrupted: trained on the clean train split, '
+    _o('dataset', str, 'mnist', f'Data set; {_CORRUPTED}: trained on the clean train split, '
        'tested on --corruption at --severity (MNIST-C, CIFAR-10-C; see bnjax.lab.corruption_table).', 'data',
-       choices=('mnist', 'fashion_mnist', 'cifar10', 'mnist_corrupted', 'cifar10_corrupted')),
+       choices=CLEAN_DATASETS + tuple(corruption_table.CLEAN)),
     _o('corruption', str, None, 'The corruption of the test split of a *_corrupted data set (e.g. gaussian_noise).',
-       'data', optional=True, when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       'data', optional=True, when=_corrupted, needs=f'--dataset={_CORRUPTED}'),
     _o('severity', int, 5, 'Severity 1..5 of --corruption (the published tables).', 'data', when=_corrupted,
-       needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       needs=f'--dataset={_CORRUPTED}'),
     _o('corruption_seed', int, 0, 'Seed of the generated corruption (image i draws from fold_in(seed, i)).', 'data',
-       when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       when=_corrupted, needs=f'--dataset={_CORRUPTED}'),
     _o('data_source', str, 'auto', 'auto: local files when found (--data_dir, $BNJAX_DATA_DIR, well-known places), '
        'else TFDS.', 'data', role=SETTING, choices=('auto', 'files', 'tfds')),
     _o('data_dir', str, None, 'Folder with the canonical files (e.g. ../shared/data), or TFDS data_dir.', 'data',
