@@ -258,7 +258,14 @@ _corrupted = lambda c: corruption_table.is_corrupted(c.dataset)
 # The data sets of `bnjax.lab.data.sources.SPECS` (which imports JAX: tests/test_lab.py checks the two agree).
 CLEAN_DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
 _CORRUPTED = ' or '.join(corruption_table.CLEAN)
-ADAPT_METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
+# Test-time adaptation methods (bnjax.lab.adaptation): name -> what it does.
+ADAPT_METHODS = {
+    'source': 'moving statistics',
+    'prediction_bn': 'each test batch normalized by its own statistics',
+    'prior': 'Schneider et al.: source and batch statistics mixed with weight N / (N + n)',
+    'adabn': 'population statistics re-estimated on the test split',
+    'tent': 'entropy minimisation on the norm scale and bias, online',
+}
 # Methods are separated by ',' (or '+', which a sweep's comma lists leave alone: --adapt=source+tent).
 adapt_methods = lambda text: tuple(m.strip() for m in str(text).replace('+', ',').split(','))
 _methods = lambda c: adapt_methods(c.adapt)
@@ -414,12 +421,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
        check=_seed_range, expected=f'an integer in [0, {_SEED_LIMIT}]'),
     # Test-time adaptation, evaluated after training (bnjax.lab.adaptation; it does not change the training).
     _o('adapt', str, 'source', 'Test-time adaptation methods evaluated on the test split after training, '
-       'comma-separated: source (moving statistics), prediction_bn (each test batch normalized by its own '
-       'statistics), prior (Schneider et al.: source and batch statistics mixed with weight N / (N + n)), adabn '
-       '(population statistics re-estimated on the test split), tent (entropy minimisation on the norm scale and '
-       "bias, online); '+' separates them too (in a sweep's comma lists). Their test errors go into summary.json "
-       'as test_error_<method>.', 'adapt', role=SETTING,
-       check=_adapt_methods, expected='comma-separated items of source, prediction_bn, prior, adabn, tent'),
+       'comma-separated: ' + ', '.join(f'{name} ({what})' for name, what in ADAPT_METHODS.items()) +
+       "; '+' separates them too (in a sweep's comma lists). Their test errors go into summary.json as "
+       'test_error_<method>.', 'adapt', role=SETTING,
+       check=_adapt_methods, expected=f'comma-separated items of {", ".join(ADAPT_METHODS)}'),
     _o('test_batch_size', int, 200, 'Test batch size of the adaptation methods (TENT on CIFAR-10-C: 200); the '
        'last partial batch is left out.', 'adapt', role=SETTING, check=_positive, expected='a positive integer',
        when=_adapting, needs='--adapt with a method other than source'),
