@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+import bnjax
 from bnjax.lab import config as C
 from bnjax.lab import corruption_table, models, options
 from conftest import REPO
 
-FLAX_MODULES = ('linen', 'nnx', 'adapt')  # the only modules of bnjax/ that import Flax (loaded on first use)
+# The only modules of bnjax/ that import Flax: the package's lazy submodules (loaded on first use) but the lab.
+FLAX_MODULES = tuple(name for name in bnjax._LAZY_SUBMODULES if name != 'lab')
 CORE = sorted(p for p in (REPO / 'bnjax').glob('*.py') if p.stem not in FLAX_MODULES)
 
 
