@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from bnjax import build, experiment, sweep  # noqa: E402
+from bnjax.lab import build, experiment, sweep  # noqa: E402
 from bnjax.lab.config import TrainConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
