@@ -1,6 +1,6 @@
 """The CIFAR-10 CNN's training step on CPU: bnjax's engine, the usual Flax recipe and PyTorch (#17).
 
-Contenders, each training `cnn_seed` (Conv3x3-BN-ReLU blocks of 32, 64, 128
+Contenders, each training `cifar_cnn` (Conv3x3-BN-ReLU blocks of 32, 64, 128
 channels, max pools, Dense 256-BN-ReLU, Dense 10) with Adam at the same batch
 size on the same synthetic batches, timed in the same process, alternating one
 contender after the other, median of rounds:
@@ -113,7 +113,7 @@ def layers_before_17(conv=True, pool=True):
 
 
 def engine_contender(images, labels, batch, conv=False, pool=False):
-  """bnjax's engine on cnn_seed; `conv`/`pool`: use the pre-#17 layer (the step is compiled here)."""
+  """bnjax's engine on cifar_cnn; `conv`/`pool`: use the pre-#17 layer (the step is compiled here)."""
   with layers_before_17(conv, pool):
     run = bnjax_engine(models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast'), images, labels, batch, LR)
     run(1)
@@ -264,12 +264,12 @@ def _hlo_instructions(hlo_text):
 
 
 def _jax_category(name, instructions, users, depth=0):
-  """A thunk's category from its HLO metadata: the jax op and the Flax module (cnn_seed's names) that made it."""
+  """A thunk's category from its HLO metadata: the jax op and the Flax module (cifar_cnn's names) that made it."""
   if name not in instructions:
     return 'other'
   shape, opcode, op_name, _ = instructions[name]
   backward = 'transpose(' in op_name
-  conv_layer = re.search(r'/linear_[0-5]/(\w+)', op_name)  # cnn_seed: linear_0..5 are the convolutions
+  conv_layer = re.search(r'/linear_[0-5]/(\w+)', op_name)  # cifar_cnn: linear_0..5 are the convolutions
   category = 'other'
   if conv_layer:
     op = conv_layer.group(1)
@@ -312,7 +312,7 @@ def profile_jax(run_step, compiled_text, steps, categorize=None):
   Thunks run concurrently on the executor's threads: each moment's wall time
   is split equally among the thunks running then, so the categories add up to
   the time some thunk was running. `categorize(name, instructions, users)`:
-  a thunk's category (default `_jax_category`, cnn_seed's).
+  a thunk's category (default `_jax_category`, cifar_cnn's).
   """
   categorize = categorize or _jax_category
   instructions = _hlo_instructions(compiled_text)
@@ -397,7 +397,7 @@ def profile(batch, steps):
   run = torch_contender(batch)
   if run is not None:
     columns['pytorch'] = profile_torch(run, steps)
-  print_profile(f'Where one cnn_seed training step goes, batch {batch}, ms per step (mean of {steps} steps, '
+  print_profile(f'Where one cifar_cnn training step goes, batch {batch}, ms per step (mean of {steps} steps, '
                 f'load average {os.getloadavg()[0]:.1f}); allocator: {ALLOCATOR}', columns, CATEGORIES)
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training speed: examples/s of mlp_seed with BN against the number of devices.
+"""Data-parallel training speed: examples/s of mnist_mlp with BN against the number of devices.
 
 Each device count runs in its own subprocess (the number of forced CPU devices
 is fixed when jax is imported): `--xla_force_host_platform_device_count=D` on
@@ -35,7 +35,7 @@ def worker(devices: int, mode: str, batch: int, steps: int, repeats: int) -> Non
   from bnjax.lab import build, engine, parallel
   from bnjax.lab.config import TrainConfig
 
-  config = TrainConfig(model='mlp_seed', norm='bn', batch_size=batch, cross_device_stats=mode)
+  config = TrainConfig(model='mnist_mlp', norm='bn', batch_size=batch, cross_device_stats=mode)
   rng = np.random.default_rng(0)
   images = rng.normal(0.5, 1.0, (batch * steps, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, batch * steps).astype(np.int32)
@@ -96,7 +96,7 @@ def main() -> None:
     for d in args.devices:
       measured, device = measure(d, args)
       rates[d] += measured
-  print(f'mlp_seed + BN ({args.mode}), global batch {args.batch}, {args.steps} steps per scan, on {device}; '
+  print(f'mnist_mlp + BN ({args.mode}), global batch {args.batch}, {args.steps} steps per scan, on {device}; '
         f'median of {args.rounds} x {args.repeats}')
   print(f'{"devices":>8s} {"examples/s":>12s} {"vs 1 device":>12s}')
   base = statistics.median(rates[args.devices[0]])

@@ -1,4 +1,4 @@
-"""8 BN momentum values on real MNIST (mlp_seed, batch 500, 1 epoch): one vmapped group vs 8 runs one after another.
+"""8 BN momentum values on real MNIST (mnist_mlp, batch 500, 1 epoch): one vmapped group vs 8 runs one after another.
 
     python benchmarks/bench_sweep.py [--rounds=3]
 
@@ -34,7 +34,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--epochs', type=int, default=1)
   args = parser.parse_args()
-  base = TrainConfig(model='mlp_seed', norm='bn', batch_size=500, epochs=args.epochs, data_dir=str(DATA),
+  base = TrainConfig(model='mnist_mlp', norm='bn', batch_size=500, epochs=args.epochs, data_dir=str(DATA),
                      progress_updates=1, checkpoint_every=0)
   configs, _ = sweep.expand_grid(base, {'momentum': MOMENTA})
   dataset = build.dataset(base, put=jax.device_put)

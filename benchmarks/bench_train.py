@@ -156,11 +156,11 @@ def main():
     x, y = ds.train_images, ds.train_labels
     steps = x.shape[0] // 500
     times = compare(
-        f'MNIST mlp_seed, batch 500, one epoch ({steps} steps)',
+        f'MNIST mnist_mlp, batch 500, one epoch ({steps} steps)',
         {
             'flax recipe (nn.BatchNorm, loop)': flax_recipe(FlaxMLP(use_bn=True), x, y, 500, 1e-3),
-            'bnjax bn (scan)': bnjax_engine(models.get('mlp_seed', norm='bn'), x, y, 500, 1e-3),
-            'bnjax plain (scan)': bnjax_engine(models.get('mlp_seed', norm='none'), x, y, 500, 1e-3),
+            'bnjax bn (scan)': bnjax_engine(models.get('mnist_mlp', norm='bn'), x, y, 500, 1e-3),
+            'bnjax plain (scan)': bnjax_engine(models.get('mnist_mlp', norm='none'), x, y, 500, 1e-3),
         },
         steps,
         args.rounds,
@@ -174,15 +174,15 @@ def main():
     for batch in (32, 256):
       variants = {
           'flax recipe (nn.BatchNorm, loop)': flax_recipe(FlaxCNN(), x, y, batch, 1e-4),
-          'bnjax bn (scan)': bnjax_engine(models.get('cnn_seed', norm='bn'), x, y, batch, 1e-4),
+          'bnjax bn (scan)': bnjax_engine(models.get('cifar_cnn', norm='bn'), x, y, batch, 1e-4),
       }
-      conv_options = models.option_names('cnn_seed')
+      conv_options = models.option_names('cifar_cnn')
       if 'conv_impl' in conv_options:
         variants['bnjax bn, cpu_fast convs (scan)'] = bnjax_engine(
-            models.get('cnn_seed', norm='bn', conv_impl='cpu_fast'), x, y, batch, 1e-4
+            models.get('cifar_cnn', norm='bn', conv_impl='cpu_fast'), x, y, batch, 1e-4
         )
       compare(
-          f'CIFAR-10 cnn_seed, batch {batch}, {args.cifar_steps} steps',
+          f'CIFAR-10 cifar_cnn, batch {batch}, {args.cifar_steps} steps',
           variants,
           args.cifar_steps,
           args.rounds,

@@ -42,17 +42,10 @@ from bnjax.schedules import (
 __version__ = '0.1.0'
 
 _LAZY_SUBMODULES = ('linen', 'nnx', 'lab', 'adapt')
-# Old names of modules that moved (kept as aliases): the Flax wrappers, and the lab's modules.
-_MOVED = {'flax': 'bnjax.linen'} | {
-    name: f'bnjax.lab.{name}'
-    for name in ('models', 'data', 'config', 'build', 'engine', 'experiment', 'plots', 'parallel', 'sweep',
-                 'report', 'diagnostics', 'repro')
-}
 
 
 def __getattr__(name):
   if name in _LAZY_SUBMODULES:
     return importlib.import_module(f'bnjax.{name}')
-  if name in _MOVED:
-    return importlib.import_module(_MOVED[name])
-  raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
+  raise AttributeError(f"module 'bnjax' has no attribute {name!r} (its submodules loaded on first access: "
+                       f"{', '.join(_LAZY_SUBMODULES)}; the lab's modules are bnjax.lab.<name>)")

@@ -11,9 +11,9 @@ Without a mapped axis the gradient is the closed form of batch norm,
 
 (a the multiplier, m the mask, n the number of valid entries, sums over the
 reduced axes of every entry): one reduction pass and one elementwise pass.
-Autodiff of the exact two-pass variance needs one more pass, which made
-bnjax 1.25x slower than flax.linen.BatchNorm's one-pass (but cancelling)
-variance on XLA:CPU; with the closed form it is faster, and exact.
+Autodiff of the exact two-pass variance needs one more pass, 1.25x slower
+than flax.linen.BatchNorm's one-pass (but cancelling) variance on XLA:CPU;
+the closed form is faster than flax's, and exact.
 
 Under a named mapped axis (shard_map's mesh axes, pmap's or vmap's
 `axis_name`) the output is computed by plain autodiff through the statistics,
@@ -48,7 +48,6 @@ def normalize(
     *,
     reduce_axes: tuple,
     epsilon: float,
-    mapped: bool | None = None,
 ) -> Array:
   """Batch-normalizes `x` with its own batch statistics `moments`.
 
@@ -64,15 +63,11 @@ def normalize(
     mask: booleans broadcastable to x, or None (as given to `batch_moments`).
     reduce_axes: the axes the statistics reduce over.
     epsilon: added to the variance.
-    mapped: deprecated, not needed: `normalize` detects a named mapped axis
-      itself (see `_under_named_axis`). True still forces the autodiff path;
-      False and None (the default) let `normalize` choose, so False no longer
-      selects the closed form under a mapped axis, where it is wrong.
 
   Returns:
     y, of x's shape.
   """
-  if mapped or _under_named_axis():
+  if _under_named_axis():
     inv_std = jax.lax.rsqrt(moments.var + epsilon)
     coef = inv_std if multiplier is None else inv_std * multiplier
     y = (x - moments.mean) * coef

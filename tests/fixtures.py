@@ -34,7 +34,7 @@ def learnable_digits(seed: int = 0, num_train: int = 1200, num_test: int = 400) 
   """MNIST-shaped uint8 images whose class is learnable but not trivially: a random binary
   pattern per class (10% of the pixels on) with 30% of the pixels flipped.
 
-  `mlp_seed` with BN reaches about 80% on it in two epochs, and its margins are
+  `mnist_mlp` with BN reaches about 80% on it in two epochs, and its margins are
   small enough that the moving-statistics bug shows (about 40%).
   """
   rng = np.random.default_rng(seed)

@@ -31,7 +31,7 @@ INVALID = [
     (dict(validation='half'), '--validation=.half.'),
     (dict(validation='1.5'), '--validation=.1.5.'),
     (dict(learning_rate=0.0), '--learning_rate=0.0'),
-    (dict(model='cnn_seed', dataset='mnist'), '--model=.cnn_seed.'),
+    (dict(model='cifar_cnn', dataset='mnist'), '--model=.cifar_cnn.'),
     (dict(augment=True), '--augment=True'),
     (dict(momentum_decay_rate=1.0), '--momentum_decay_rate=1.0'),
     (dict(norm='bn', batch_size=1), '--batch_size=1 is invalid: expected at least 2 with --norm=bn'),
@@ -67,7 +67,7 @@ def test_defaults_and_valid_combinations_pass():
   C.validate(C.TrainConfig())
   C.validate(C.TrainConfig(norm='ghost', virtual_batch_size=50))
   C.validate(C.TrainConfig(norm='renorm', rmax=2.0, dmax=1.0, renorm_clipping='warmup', virtual_batch_size=100))
-  C.validate(C.TrainConfig(dataset='cifar10', model='cnn_seed', augment=True, validation='0.3'))
+  C.validate(C.TrainConfig(dataset='cifar10', model='cifar_cnn', augment=True, validation='0.3'))
 
 
 def test_unknown_setting():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax.lab import models, options
+from bnjax.lab import models, options, registry
 from bnjax.linen import norm_state
 
 MNIST = (8, 28, 28, 1)
@@ -44,31 +44,36 @@ def _train_apply(model, variables, x, seed=1, mutable=('batch_stats',), **kwargs
 
 
 def test_registry_names_and_defaults():
-  assert set(models.names()) == {'mnist_mlp', 'cifar_cnn', 'mlp_bn_paper', 'resnet20', 'resnet32', 'resnet56'}
+  assert models.names() == registry.names()
   for name in models.names():
     config = models.defaults(name)
     assert set(config) == {'model', 'train'}
     assert config['train']['dataset'] in ('mnist', 'cifar10')
     assert isinstance(models.get(name, **config['model']), models.LabModel)
-  config = models.defaults('mlp_seed')  # the old name
+  config = models.defaults('mnist_mlp')
   config['train']['batch_size'] = 1
-  assert models.defaults('mnist_mlp')['train'] == dict(  # the old name's copy was fresh
+  assert models.defaults('mnist_mlp')['train'] == dict(  # the first copy was fresh
       dataset='mnist', optimizer='adam', learning_rate=1e-3, batch_size=500, epochs=20
   )
-  assert models.defaults('cnn_seed')['train']['learning_rate'] == 1e-4
+  assert models.defaults('cifar_cnn')['train']['learning_rate'] == 1e-4
   assert models.defaults('mlp_bn_paper')['model']['activation'] == 'sigmoid'
+
+
+def test_the_model_choices_are_the_option_table_s():
+  assert tuple(models.ACTIVATIONS) == options.OPTIONS['activation'].allowed()
+  assert models.NORMS == tuple(options.NORM_KINDS)
 
 
 INVALID_MODELS = [
     (('resnet',), {}, 'mnist_mlp, '),
-    (('mlp_seed',), dict(dropout_position='end'), 'dropout_placement'),
-    (('mlp_seed',), dict(norm='batchnorm'), "'renorm'"),
-    (('mlp_seed',), dict(dropout_placement='after'), "'after_norm'"),
-    (('cnn_seed',), dict(activation='gelu'), "'swish'"),
-    (('mlp_seed',), dict(norm='ghost'), 'virtual_batch_size'),
-    (('mlp_seed',), dict(norm='bn', virtual_batch_size=4), "norm='ghost'"),
-    (('mlp_seed',), dict(dropout_rate=1.0), 'dropout_rate'),
-    (('mlp_seed',), dict(layers=(('dense', 0),)), 'layers'),
+    (('mnist_mlp',), dict(dropout_position='end'), 'dropout_placement'),
+    (('mnist_mlp',), dict(norm='batchnorm'), "'renorm'"),
+    (('mnist_mlp',), dict(dropout_placement='after'), "'after_norm'"),
+    (('cifar_cnn',), dict(activation='gelu'), "'swish'"),
+    (('mnist_mlp',), dict(norm='ghost'), 'virtual_batch_size'),
+    (('mnist_mlp',), dict(norm='bn', virtual_batch_size=4), "norm='ghost'"),
+    (('mnist_mlp',), dict(dropout_rate=1.0), 'dropout_rate'),
+    (('mnist_mlp',), dict(layers=(('dense', 0),)), 'layers'),
 ]
 
 
@@ -80,18 +85,18 @@ def test_invalid_models_are_rejected_naming_the_option(args, options, message):
 
 # Keras's counts for the source's models (trainable, moving statistics).
 COUNTS = {
-    ('mlp_seed', 'none'): (376_650, 0),
-    ('mlp_seed', 'bn'): (379_338, 2_688),
-    ('cnn_seed', 'bn'): (815_530, 1_408),
-    ('cnn_seed', 'none'): (815_530 - 1_408, 0),
-    ('mlp_seed', 'renorm'): (379_338, 2 * 2_688),  # mean, std, renorm mean, renorm std
+    ('mnist_mlp', 'none'): (376_650, 0),
+    ('mnist_mlp', 'bn'): (379_338, 2_688),
+    ('cifar_cnn', 'bn'): (815_530, 1_408),
+    ('cifar_cnn', 'none'): (815_530 - 1_408, 0),
+    ('mnist_mlp', 'renorm'): (379_338, 2 * 2_688),  # mean, std, renorm mean, renorm std
 }
 
 
 @pytest.mark.parametrize('name, norm', list(COUNTS))
 def test_parameter_counts(name, norm):
   model = models.get(name, norm=norm)
-  shape = MNIST if name.startswith('mlp') else (1, 32, 32, 3)
+  shape = MNIST if name == 'mnist_mlp' else (1, 32, 32, 3)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
   assert models.count_parameters(variables) == dict(zip(('trainable', 'moving_statistics'), COUNTS[name, norm]))
 
@@ -103,7 +108,7 @@ def _keras_counts(name, bn):
   def block(layer):
     return [layer] + [layers.BatchNormalization()] * bn + [layers.Activation('relu')]
 
-  if name == 'mlp_seed':
+  if name == 'mnist_mlp':
     stack = [keras.Input((28, 28, 1)), layers.Flatten()]
     for width in (256, 128, 512, 64, 128, 256):
       stack += block(layers.Dense(width))
@@ -118,11 +123,11 @@ def _keras_counts(name, bn):
   return size(model.trainable_weights), size(model.non_trainable_weights)
 
 
-@pytest.mark.parametrize('name', ['mlp_seed', 'cnn_seed'])
+@pytest.mark.parametrize('name', ['mnist_mlp', 'cifar_cnn'])
 def test_counts_equal_keras(name):
   for norm, bn in (('none', 0), ('bn', 1)):
     model = models.get(name, norm=norm)
-    shape = MNIST if name == 'mlp_seed' else (1, 32, 32, 3)
+    shape = MNIST if name == 'mnist_mlp' else (1, 32, 32, 3)
     counts = models.count_parameters(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape)))
     assert (counts['trainable'], counts['moving_statistics']) == _keras_counts(name, bn)
 
@@ -175,7 +180,7 @@ def _check_jit_grad(model, x, norm):
 )
 def test_mlp_jit_and_grad_every_combination(norm, placement, position):
   model = models.get(
-      'mlp_seed', layers=TINY_MLP, norm=norm, dropout_placement=placement, norm_position=position,
+      'mnist_mlp', layers=TINY_MLP, norm=norm, dropout_placement=placement, norm_position=position,
       **_norm_options(norm),
   )
   _check_jit_grad(model, _images(MNIST), norm)
@@ -188,14 +193,14 @@ def test_mlp_jit_and_grad_every_combination(norm, placement, position):
 )
 def test_cnn_jit_and_grad(norm, placement, position):
   model = models.get(
-      'cnn_seed', layers=TINY_CNN, norm=norm, dropout_placement=placement, norm_position=position,
+      'cifar_cnn', layers=TINY_CNN, norm=norm, dropout_placement=placement, norm_position=position,
       activation='swish', **_norm_options(norm),
   )
   _check_jit_grad(model, _images(CIFAR_SMALL), norm)
 
 
-@pytest.mark.parametrize('name, shape', [('mlp_seed', (3, 28, 28)), ('mlp_bn_paper', (3, 28, 28, 1)),
-                                         ('cnn_seed', (2, 32, 32, 3))])
+@pytest.mark.parametrize('name, shape', [('mnist_mlp', (3, 28, 28)), ('mlp_bn_paper', (3, 28, 28, 1)),
+                                         ('cifar_cnn', (2, 32, 32, 3))])
 def test_output_shapes(name, shape):
   model = models.get(name)
   logits = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], jnp.zeros(shape))
@@ -230,7 +235,7 @@ FIRST_DROPPED = {
 @pytest.mark.parametrize('norm', ['bn', 'none'])
 @pytest.mark.parametrize('placement, position', list(FIRST_DROPPED))
 def test_dropout_placement_order_through_probes(norm, placement, position):
-  model = models.get('mlp_seed', layers=TINY_MLP, norm=norm, dropout_placement=placement, norm_position=position)
+  model = models.get('mnist_mlp', layers=TINY_MLP, norm=norm, dropout_placement=placement, norm_position=position)
   x = _images(MNIST)
   variables = _init(model, x)
 
@@ -259,7 +264,7 @@ def test_dropout_placement_order_through_probes(norm, placement, position):
 
 @pytest.mark.parametrize('position', models.NORM_POSITIONS)
 def test_norm_position_through_probes(position):
-  model = models.get('mlp_seed', layers=TINY_MLP, norm_position=position, activation='relu')
+  model = models.get('mnist_mlp', layers=TINY_MLP, norm_position=position, activation='relu')
   x = _images(MNIST)
   _, state = _train_apply(model, _init(model, x), x, mutable=['batch_stats', 'probes'])
   for block in state['probes'].values():
@@ -315,7 +320,7 @@ def test_model_equals_pure_functions_and_probes_are_right(norm):
 
 
 def test_probes_do_not_change_the_output_and_cost_nothing_when_off():
-  model = models.get('mlp_seed', layers=TINY_MLP, dropout_placement='after_norm')
+  model = models.get('mnist_mlp', layers=TINY_MLP, dropout_placement='after_norm')
   x = _images(MNIST)
   variables = _init(model, x)
   assert 'probes' not in variables
@@ -330,7 +335,7 @@ def test_probes_do_not_change_the_output_and_cost_nothing_when_off():
 
 
 def test_conv_probes_reduce_over_batch_and_positions():
-  model = models.get('cnn_seed', layers=TINY_CNN)
+  model = models.get('cifar_cnn', layers=TINY_CNN)
   x = _images(CIFAR_SMALL)
   variables = _init(model, x)
   _, state = jax.jit(lambda v: model.apply(
@@ -365,7 +370,7 @@ def test_evaluation_is_deterministic_training_is_stochastic():
 # vmap: over parameter sets, and over hyperparameter values.
 
 
-@pytest.mark.parametrize('name, shape', [('mlp_seed', MNIST), ('cnn_seed', CIFAR_SMALL)])
+@pytest.mark.parametrize('name, shape', [('mnist_mlp', MNIST), ('cifar_cnn', CIFAR_SMALL)])
 def test_vmap_over_parameter_sets(name, shape):
   # The full models: gradients of three parameter sets in one program (so also jit and grad of the real models).
   model = models.get(name, dropout_placement='end')

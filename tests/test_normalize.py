@@ -67,12 +67,12 @@ def test_second_order_gradients_equal_autodiff(masked):
 
 
 def _user_norm(x, multiplier, offset, axis_name=None):
-  """A norm function built on `normalize` that does not pass `mapped`: statistics over `axis_name` too."""
+  """A norm function built on `normalize`, as a user writes one: statistics over `axis_name` too."""
   m = moments.batch_moments(x, (0,), axis_name=axis_name)
   return normalize(x, m, multiplier, offset, None, reduce_axes=(0,), epsilon=EPS)
 
 
-def test_gradients_under_a_named_vmap_need_no_mapped_argument():
+def test_gradients_under_a_named_vmap():
   # Statistics over the named axis: the closed form would sum over each instance only.
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(1.0, 2.0, (32, 6)), jnp.float32)
@@ -97,7 +97,3 @@ def test_closed_form_runs_outside_named_axes_only():
   assert uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b)))  # independent instances
   assert not uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b), axis_name='i'))
   assert not uses_closed_form(jax.vmap(lambda x: _user_norm(x, a, b, 'i'), axis_name='i'))
-  # `mapped` still works: True forces autodiff anywhere, False cannot force the closed form under a named axis.
-  m = moments.batch_moments(x[0], (0,))
-  assert not uses_closed_form(lambda x: normalize(x[0], m, a, b, None, reduce_axes=(0,), epsilon=EPS, mapped=True))
-  assert uses_closed_form(lambda x: normalize(x[0], m, a, b, None, reduce_axes=(0,), epsilon=EPS, mapped=False))

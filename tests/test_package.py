@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 import bnjax
 
 EAGER = {'layers', 'torch_interop', 'moments', 'normalize', 'norm', 'precise', 'schedules'}
@@ -21,3 +23,14 @@ def test_core_api_names():
   for name in ('batch_norm', 'batch_norm_init', 'batch_renorm', 'batch_renorm_init', 'BatchNormState',
                'BatchRenormState', 'inverse_decay_momentum', 'renorm_clipping_warmup', 'momentum_from_pytorch'):
     assert callable(getattr(bnjax, name))
+
+
+def test_no_other_name_loads_a_module():
+  """Only the lazy submodules load on access: a lab module is `bnjax.lab.<name>`, the Flax modules `bnjax.linen`."""
+  lab = Path(bnjax.__file__).parent / 'lab'
+  lab_modules = {p.stem for p in lab.glob('*.py') if p.stem != '__init__'} | {
+      p.name for p in lab.iterdir() if (p / '__init__.py').is_file()
+  }
+  for name in sorted((lab_modules | {'flax'}) - set(vars(bnjax))):
+    with pytest.raises(AttributeError, match=f"no attribute '{name}'.*linen, nnx, lab, adapt"):
+      getattr(bnjax, name)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax.lab import build, diagnostics, models, programs, registry, resnet
+from bnjax.lab import build, diagnostics, models, options, programs, registry, resnet
 from bnjax.lab import config as C
 from conftest import REPO
 
@@ -123,9 +123,16 @@ def test_resnet20_is_the_papers_network_with_its_recipe_as_defaults():
 
 
 def test_the_seed_models_defaults_leave_their_runs_unchanged():
-  for model in ('mnist_mlp', 'mlp_seed'):  # its own settings are the option table's defaults already
-    assert C.make(C.with_model_defaults({'model': model})) == C.make({'model': model})
+  # mnist_mlp's own settings are the option table's defaults already.
+  assert C.make(C.with_model_defaults({'model': 'mnist_mlp'})) == C.make({'model': 'mnist_mlp'})
+
+
+def test_the_model_list_is_the_registry_s():
   assert registry.names() == ('mnist_mlp', 'cifar_cnn', 'mlp_bn_paper', 'resnet20', 'resnet32', 'resnet56')
+  listed = ', '.join(registry.names())
+  assert f'({listed})' in registry.MODEL_EXPECTED and f'registry: {listed})' in options.OPTIONS['model'].help
+  with pytest.raises(ValueError, match=rf"--model='mlp' is invalid: expected a registered model \({listed}\)"):
+    C.validate(C.TrainConfig(model='mlp'))
 
 
 # ----------------------------------------------------------------------------

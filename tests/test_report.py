@@ -58,3 +58,12 @@ def test_momentum_only_sweep_draws_a_line(tmp_path):
   runs = [(dict(momentum=m), 0.9, 'completed', [0.9]) for m in (0.6, 0.9)]
   md = report.write_report(write_results(tmp_path / 'results.csv', runs), log=lambda _: None).read_text()
   assert '(momentum.png)' in md and 'heatmap' not in md
+
+
+def test_momentum_varies_only_among_norms_with_moving_statistics(tmp_path):
+  # Group and layer norm keep no moving statistics: their (default) momentum is not a second value.
+  runs = [(dict(momentum=0.9), 0.9, 'completed', [0.9])] + [(dict(norm=n), 0.8, 'completed', [0.8]) for n in
+                                                             ('none', 'group', 'layer')]
+  md = report.write_report(write_results(tmp_path / 'results.csv', runs), log=lambda _: None).read_text()
+  assert 'momentum.png' not in md and 'heatmap' not in md
+  assert report.has_moving_statistics({'norm': 'renorm'}) and not report.has_moving_statistics({'norm': 'group'})

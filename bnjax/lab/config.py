@@ -63,14 +63,13 @@ def has_moving_statistics(config) -> bool:
 
 
 def canonical(config):
-  """The same run with the options it doesn't use at their defaults, and the model's canonical name.
+  """The same run with the options it doesn't use at their defaults, and each value in its one spelling.
 
   Equal runs compare equal: rmax without renorm, the momentum of an
   inverse-decay schedule, every BN option without BN, a dropout rate without
   dropout are dropped.
   """
   reset = {name: OPTIONS[name].default for name in FIELDS if not uses(config, name)}
-  reset['model'] = registry.canonical_name(config.model)
   for name, option in OPTIONS.items():
     if option.spelling is not None and name not in reset:
       reset[name] = option.spelling(getattr(config, name))

@@ -7,7 +7,7 @@ What is slow on XLA:CPU, and what these do about it (docs/cpu_convolutions.md
 has the profiles and the measurements):
 - The kernel gradient of a convolution (XLA's "filter gradient" convolution,
   the batch as its contraction) slows down more than linearly with the
-  batch: at batch 256, cnn_seed's six take 3.5x as long as the same work
+  batch: at batch 256, cifar_cnn's six take 3.5x as long as the same work
   done 8 images at a time. `Conv`'s 3x3 SAME stride-1 convolutions on CPU
   (`conv3x3`) compute the kernel gradient as a sum over 8-image slices of
   the batch. Their value and input gradient stay XLA's own, which run at
@@ -138,7 +138,7 @@ def max_pool(x: Array, size: int) -> Array:
   The values are equal. The gradients are equal except where a window's
   maximum is attained more than once: `nn.max_pool` gives the whole gradient
   to one of the tied inputs, this to several (their shares adding up to it).
-  In cnn_seed ties are the zeros of a ReLU, whose own gradient is zero there,
+  In cifar_cnn ties are the zeros of a ReLU, whose own gradient is zero there,
   so the parameters' gradients do not change.
   """
   if not _on_cpu():

@@ -1,6 +1,6 @@
 """The lab's models as Flax modules: `LabModel` around any builder, and the seed models' `Net`.
 
-    model = bnjax.lab.models.get('mlp_seed', norm='bn', dropout_placement='end')
+    model = bnjax.lab.models.get('mnist_mlp', norm='bn', dropout_placement='end')
     variables = model.init(key, x)                       # {'params', 'batch_stats'}
     logits, updates = model.apply(variables, x, train=True, rngs={'dropout': key},
                                   mutable=['batch_stats'])
@@ -22,31 +22,25 @@ with flatten and max-pool steps between them, and a Dense classifier `head`.
 The output is logits: the softmax belongs to the loss. ResNet-20/32/56 are
 `bnjax.lab.resnet.ResNet`.
 
-Models (`names()`; `defaults(name)` gives the options and the model's own
-training hyperparameters):
-- `mlp_seed`: the MNIST MLP of the source: Flatten -> 6 blocks of Dense 256,
-  128, 512, 64, 128, 256 -> Dense 10. 376,650 parameters without norm;
-  with BN 379,338 + 2,688 moving statistics (Keras's counts).
-- `cnn_seed`: the CIFAR-10 CNN: [Conv 32 block x2 -> MaxPool 2], the same
-  with 64 and 128 channels, Flatten -> Dense 256 block -> Dense 10. With BN
-  815,530 + 1,408 moving statistics (Keras's counts).
-- `mlp_bn_paper`: Ioffe & Szegedy 2015, section 4.1: Flatten -> 3 blocks of
-  Dense 100 with sigmoid -> Dense 10.
+Models: `names()`, the registry's, each described by its
+`bnjax.lab.registry.Entry`; `defaults(name)` gives the options and the
+model's own training hyperparameters. The source's MNIST MLP (`mnist_mlp`)
+has 376,650 parameters without norm, with BN 379,338 + 2,688 moving
+statistics; its CIFAR-10 CNN (`cifar_cnn`) with BN 815,530 + 1,408 moving
+statistics (Keras's counts).
 
 Linear layers keep their bias even before BN (Keras's default: the counts
 above include them) and are initialised as in Keras (`glorot_uniform`
 weights, zero biases) unless `kernel_init` says otherwise.
 
 Options (fields of `LabModel`, each given to the builder that takes it; `get` checks them):
-- structure: `norm` none | bn | renorm | ghost (ghost needs
-  `virtual_batch_size`; renorm may have one too: ghost renorm), `activation`
-  relu | swish | sigmoid, `norm_position` before_activation | after_activation,
-  `dropout_placement` (below), `layers` (the architecture), `num_classes`,
-  `kernel_init`.
-- norm options, given to every norm layer (`bnjax.linen`): `momentum`,
-  `epsilon`, `renorm_momentum`, `rmax`, `dmax`, `virtual_batch_size`,
-  `center`, `scale` (turn off after the activation, as the source suggests),
-  `debias`, `axis_name`.
+- structure: `norm` (a kind of `bnjax.lab.options.NORM_KINDS`, which says
+  the options it requires and takes), `activation` (`ACTIVATIONS`),
+  `norm_position` (`NORM_POSITIONS`), `dropout_placement` (below), `layers`
+  (the architecture), `num_classes`, `kernel_init` (`KERNEL_INITS`).
+- norm options (`NORM_LAYER_OPTIONS`, e.g. `momentum`, `epsilon`, `center`,
+  `scale`: turn them off after the activation, as the source suggests), each
+  given to the norm layers whose kind takes it; and `axis_name`.
 - `dropout_rate`.
 
 Dropout placements (with norm='none' dropout stands at the same places, so
@@ -58,10 +52,10 @@ runs with and without BN compare fairly); per block:
   Dense -> Act -> Norm -> Dropout.
 - `end`: once, after the last block, before the classifier (the source's advice).
 
-Hyperparameter values. The values a sweep varies, `HPARAMS` = momentum,
-renorm_momentum, rmax, dmax, dropout_rate, are fields too (numbers, arrays or
-schedules), and `apply(..., hparams={...})` overrides them at call time with
-numbers or arrays. Under `jax.vmap` over both the variables and `hparams`,
+Hyperparameter values. The values a sweep varies, `HPARAMS` (the option
+table's model values: momentum, rmax, dropout_rate, ...), are fields too
+(numbers, arrays or schedules), and `apply(..., hparams={...})` overrides
+them at call time with numbers or arrays. Under `jax.vmap` over both the variables and `hparams`,
 one program trains K models with K momentums:
 
     def step(variables, momentum):
@@ -105,8 +99,9 @@ from bnjax.lab import options as options_lib
 Array = jnp.ndarray
 
 ACTIVATIONS = {'relu': nn.relu, 'swish': nn.swish, 'sigmoid': nn.sigmoid}
-NORM_POSITIONS = ('before_activation', 'after_activation')
-DROPOUT_PLACEMENTS = ('none', 'before_norm', 'after_norm', 'end')
+NORM_POSITIONS = options_lib.OPTIONS['norm_position'].allowed()
+DROPOUT_PLACEMENTS = options_lib.OPTIONS['dropout_placement'].allowed()
+CONV_IMPLS = options_lib.OPTIONS['conv_impl'].allowed()
 KERNEL_INITS = {
     'glorot_uniform': nn.initializers.glorot_uniform(),  # Keras's default
     'lecun_normal': nn.initializers.lecun_normal(),  # Flax's default
@@ -351,7 +346,7 @@ class Net(nn.Module):
     _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
     _check_choice('kernel_init', self.kernel_init, tuple(KERNEL_INITS))
-    _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
+    _check_choice('conv_impl', self.conv_impl, CONV_IMPLS)
     super().__post_init__()
 
   def _dropout(self, x: Array, train: bool) -> Array:
@@ -469,7 +464,7 @@ class LabModel(nn.Module):
     _check_choice('activation', self.activation, tuple(ACTIVATIONS))
     _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
     _check_choice('dropout_placement', self.dropout_placement, DROPOUT_PLACEMENTS)
-    _check_choice('conv_impl', self.conv_impl, ('xla', 'cpu_fast'))
+    _check_choice('conv_impl', self.conv_impl, CONV_IMPLS)
     for option in registry.BUILDER_ARGUMENTS:
       if option == 'dropout_rate':  # a rate acts only with a placement, which is checked
         continue
@@ -606,7 +601,7 @@ def has_convolutions(model: nn.Module, sample: Array | None = None) -> bool:
 
 
 def names() -> tuple[str, ...]:
-  """The registered model names (their old names are accepted too: `bnjax.lab.registry.ALIASES`)."""
+  """The registered model names (`bnjax.lab.registry.ENTRIES`)."""
   from bnjax.lab import registry
 
   return registry.names()
@@ -635,7 +630,7 @@ def defaults(name: str) -> dict:
 
 
 def get(name: str, **overrides) -> LabModel:
-  """The Flax module of model `name` (a registry name, old name, or import path), with `overrides`.
+  """The Flax module of model `name` (a registry name or an import path), with `overrides`.
 
   Lab options (`norm`, `activation`, `dropout_placement`, ...) are `LabModel`
   fields; norm layer options (`NORM_LAYER_OPTIONS`: momentum, epsilon, rmax,

@@ -25,6 +25,8 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+from bnjax.lab import corruption_table
+
 # Roles of an option in a sweep.
 VALUE = 'value'  # a number the compiled program takes: runs differing only in values train as one vmapped group
 STRUCTURE = 'structure'  # changes the program (shapes, layers, schedules): a separate group
@@ -229,10 +231,8 @@ def _model_expected() -> str:
 def _model_help() -> str:
   from bnjax.lab import registry
 
-  listed = '; '.join(f'{e.name}' + (f' (alias {", ".join(e.aliases)})' if e.aliases else '')
-                     for e in registry.ENTRIES.values())
-  return ('Model: a registered name (bnjax.lab.registry: ' + listed + ') or the import path of your own builder, '
-          'package.module:function. Its own training settings are the defaults of the other flags.')
+  return (f'Model: a registered name (bnjax.lab.registry: {", ".join(registry.names())}) or the import path of your '
+          'own builder, package.module:function. Its own training settings are the defaults of the other flags.')
 
 
 def _in(low, high, *, low_open=False, high_open=False):
@@ -254,8 +254,18 @@ _inverse_decay = lambda c: c.momentum_schedule == 'inverse_decay'
 _warmup_clipping = lambda c: c.renorm_clipping == 'warmup'
 _constant_clipping = lambda c: c.renorm_clipping == 'constant'
 _with_dropout = lambda c: c.dropout_placement != 'none'
-_corrupted = lambda c: c.dataset.endswith('_corrupted')
-ADAPT_METHODS = ('source', 'prediction_bn', 'prior', 'adabn', 'tent')
+_corrupted = lambda c: corruption_table.is_corrupted(c.dataset)
+# The data sets of `bnjax.lab.data.sources.SPECS` (which imports JAX: tests/test_lab.py checks the two agree).
+CLEAN_DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
+_CORRUPTED = ' or '.join(corruption_table.CLEAN)
+# Test-time adaptation methods (bnjax.lab.adaptation): name -> what it does.
+ADAPT_METHODS = {
+    'source': 'moving statistics',
+    'prediction_bn': 'each test batch normalized by its own statistics',
+    'prior': 'Schneider et al.: source and batch statistics mixed with weight N / (N + n)',
+    'adabn': 'population statistics re-estimated on the test split',
+    'tent': 'entropy minimisation on the norm scale and bias, online',
+}
 # Methods are separated by ',' (or '+', which a sweep's comma lists leave alone: --adapt=source+tent).
 adapt_methods = lambda text: tuple(m.strip() for m in str(text).replace('+', ',').split(','))
 _methods = lambda c: adapt_methods(c.adapt)
@@ -279,15 +289,15 @@ def _o(*args, **kwargs) -> Option:
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (
     # Data.
-    _o('dataset', str, 'mnist', 'Data set; mnist_corrupted / cifar10_corrupted: trained on the clean train split, '
+    _o('dataset', str, 'mnist', f'Data set; {_CORRUPTED}: trained on the clean train split, '
        'tested on --corruption at --severity (MNIST-C, CIFAR-10-C; see bnjax.lab.corruption_table).', 'data',
-       choices=('mnist', 'fashion_mnist', 'cifar10', 'mnist_corrupted', 'cifar10_corrupted')),
+       choices=CLEAN_DATASETS + tuple(corruption_table.CLEAN)),
     _o('corruption', str, None, 'The corruption of the test split of a *_corrupted data set (e.g. gaussian_noise).',
-       'data', optional=True, when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       'data', optional=True, when=_corrupted, needs=f'--dataset={_CORRUPTED}'),
     _o('severity', int, 5, 'Severity 1..5 of --corruption (the published tables).', 'data', when=_corrupted,
-       needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       needs=f'--dataset={_CORRUPTED}'),
     _o('corruption_seed', int, 0, 'Seed of the generated corruption (image i draws from fold_in(seed, i)).', 'data',
-       when=_corrupted, needs='--dataset=mnist_corrupted or cifar10_corrupted'),
+       when=_corrupted, needs=f'--dataset={_CORRUPTED}'),
     _o('data_source', str, 'auto', 'auto: local files when found (--data_dir, $BNJAX_DATA_DIR, well-known places), '
        'else TFDS.', 'data', role=SETTING, choices=('auto', 'files', 'tfds')),
     _o('data_dir', str, None, 'Folder with the canonical files (e.g. ../shared/data), or TFDS data_dir.', 'data',
@@ -411,12 +421,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
        check=_seed_range, expected=f'an integer in [0, {_SEED_LIMIT}]'),
     # Test-time adaptation, evaluated after training (bnjax.lab.adaptation; it does not change the training).
     _o('adapt', str, 'source', 'Test-time adaptation methods evaluated on the test split after training, '
-       'comma-separated: source (moving statistics), prediction_bn (each test batch normalized by its own '
-       'statistics), prior (Schneider et al.: source and batch statistics mixed with weight N / (N + n)), adabn '
-       '(population statistics re-estimated on the test split), tent (entropy minimisation on the norm scale and '
-       "bias, online); '+' separates them too (in a sweep's comma lists). Their test errors go into summary.json "
-       'as test_error_<method>.', 'adapt', role=SETTING,
-       check=_adapt_methods, expected='comma-separated items of source, prediction_bn, prior, adabn, tent'),
+       'comma-separated: ' + ', '.join(f'{name} ({what})' for name, what in ADAPT_METHODS.items()) +
+       "; '+' separates them too (in a sweep's comma lists). Their test errors go into summary.json as "
+       'test_error_<method>.', 'adapt', role=SETTING,
+       check=_adapt_methods, expected=f'comma-separated items of {", ".join(ADAPT_METHODS)}'),
     _o('test_batch_size', int, 200, 'Test batch size of the adaptation methods (TENT on CIFAR-10-C: 200); the '
        'last partial batch is left out.', 'adapt', role=SETTING, check=_positive, expected='a positive integer',
        when=_adapting, needs='--adapt with a method other than source'),

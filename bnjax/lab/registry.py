@@ -65,7 +65,6 @@ class Entry:
     train: the model's own training settings (option name -> value): the
       run's defaults when `--model` names it.
     dataset: the data set its input must be (None: any image size).
-    aliases: older names.
     widths: the features of its norm layers, where known (checked against
       `--num_groups` before any data loads).
   """
@@ -76,7 +75,6 @@ class Entry:
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dataset: str | None = None
-  aliases: tuple[str, ...] = ()
   widths: tuple[int, ...] = ()
 
 
@@ -95,11 +93,11 @@ ENTRIES: dict[str, Entry] = {entry.name: entry for entry in (
     Entry('mnist_mlp', f'{_SEED}:mlp', 'MNIST MLP of the source: Dense 256, 128, 512, 64, 128, 256, each with norm '
           'and activation.', options=dict(widths=(256, 128, 512, 64, 128, 256)),
           train=dict(dataset='mnist', optimizer='adam', learning_rate=1e-3, batch_size=500, epochs=20),
-          aliases=('mlp_seed',), widths=(256, 128, 512, 64, 128, 256)),
+          widths=(256, 128, 512, 64, 128, 256)),
     Entry('cifar_cnn', f'{_SEED}:cnn', 'CIFAR-10 CNN of the source: 3 x (2 x Conv3x3 block, MaxPool 2) with 32, 64, '
           '128 channels, Dense 256 block.', options=dict(channels=(32, 64, 128), dense=256),
           train=dict(dataset='cifar10', optimizer='adam', learning_rate=1e-4, batch_size=32, epochs=30),
-          dataset='cifar10', aliases=('cnn_seed',), widths=(32, 32, 64, 64, 128, 128, 256)),
+          dataset='cifar10', widths=(32, 32, 64, 64, 128, 128, 256)),
     # "weights initialized to small random Gaussian values": Flax's lecun_normal. Section 4.1 gives SGD, 50,000
     # steps of 60 examples; the learning rate is not stated: 0.1 is ours.
     Entry('mlp_bn_paper', f'{_SEED}:mlp', 'Ioffe & Szegedy 2015, section 4.1: 3 Dense 100 sigmoid blocks.',
@@ -110,17 +108,11 @@ ENTRIES: dict[str, Entry] = {entry.name: entry for entry in (
             f'shortcuts), with their recipe.', options=dict(depth=depth), train=RESNET_CIFAR_RECIPE,
             dataset='cifar10', widths=(16, 32, 64)) for depth in (20, 32, 56)),
 )}
-ALIASES = {alias: entry.name for entry in ENTRIES.values() for alias in entry.aliases}
 
 
-def names(with_aliases: bool = False) -> tuple[str, ...]:
-  """The registered model names (and their old names)."""
-  return tuple(ENTRIES) + (tuple(ALIASES) if with_aliases else ())
-
-
-def canonical_name(model: str) -> str:
-  """The model's name for an alias (`mlp_seed` -> `mnist_mlp`); other names unchanged."""
-  return ALIASES.get(model, model)
+def names() -> tuple[str, ...]:
+  """The registered model names."""
+  return tuple(ENTRIES)
 
 
 def is_import_path(model: str) -> bool:
@@ -128,20 +120,19 @@ def is_import_path(model: str) -> bool:
 
 
 def is_model(model: str) -> bool:
-  """A registered name or alias, or the form of an import path (whether it imports is checked by `resolve`)."""
-  return isinstance(model, str) and (canonical_name(model) in ENTRIES or is_import_path(model))
+  """A registered name, or the form of an import path (whether it imports is checked by `resolve`)."""
+  return isinstance(model, str) and (model in ENTRIES or is_import_path(model))
 
 
-MODEL_EXPECTED = (f'a registered model ({", ".join(names(True))}) or the import path of a builder, '
+MODEL_EXPECTED = (f'a registered model ({", ".join(names())}) or the import path of a builder, '
                   'package.module:function')
 
 
 def entry(model: str) -> Entry:
   """The registry entry of a name, or an entry made for an import path (its builder's own attributes:
   `lab_train` for training defaults, `lab_dataset`, as a registry entry's `train` and `dataset`)."""
-  name = canonical_name(model)
-  if name in ENTRIES:
-    return ENTRIES[name]
+  if model in ENTRIES:
+    return ENTRIES[model]
   if not is_import_path(model):
     raise ValueError(f'--model={model!r} is invalid: expected {MODEL_EXPECTED}.')
   builder = _import(model)

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from bnjax.lab.config import FIELDS  # noqa: E402
+from bnjax.lab.options import OPTIONS, norm_kind  # noqa: E402
 
 METRIC = 'test_accuracy_moving_stats'
 SMALL_BATCH = 32
@@ -64,6 +65,11 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 def momentum_label(row: dict) -> str:
   """'0.9', or 'inverse_decay' for the schedule (its momentum is unused)."""
   return 'inverse_decay' if row.get('momentum_schedule') == 'inverse_decay' else f'{row["momentum"]:g}'
+
+
+def has_moving_statistics(row: dict) -> bool:
+  """Whether the row's norm kind keeps moving statistics (so its momentum is used)."""
+  return norm_kind(row['norm']).moving_statistics
 
 
 def varying_fields(rows: Sequence[dict]) -> list[str]:
@@ -169,7 +175,7 @@ def plot_lines(rows: Sequence[dict], x: str, path: Path, metric: str = METRIC, s
 def plot_bars(rows: Sequence[dict], path: Path, metric: str = METRIC) -> Path:
   """Mean ± std of `metric`: groups of bars by dropout placement, one bar per norm kind."""
   table = aggregate(rows, ['dropout_placement', 'norm'], metric)
-  placements = [p for p in ('none', 'before_norm', 'after_norm', 'end') if any(k[0] == p for k in table)]
+  placements = [p for p in OPTIONS['dropout_placement'].allowed() if any(k[0] == p for k in table)]
   norms = sorted({k[1] for k in table})
   width = 0.8 / len(norms)
   fig, ax = plt.subplots(figsize=(8, 4))
@@ -234,12 +240,13 @@ def write_report(results_csv: str | Path, *, command: str = '', out_dir: str | P
             'with the moving statistics unless named batch stats; train_val_gap = final train accuracy (batch '
             'statistics, running over the last epoch) - final validation accuracy.', '',
             summary_table(rows), '']
-  momentum_varies = len({momentum_label(r) for r in done if r['norm'] != 'none'}) > 1
+  moving = [r for r in done if has_moving_statistics(r)]
+  momentum_varies = len({momentum_label(r) for r in moving}) > 1
   figures: list[tuple[str, Path | None, str]] = []
   if momentum_varies and 'batch_size' in varying:
-    bn = [r for r in done if r['norm'] != 'none']
-    figures.append(('Test accuracy over momentum x batch size', plot_heatmap(bn, out / 'heatmap_momentum_batch.png'), ''))
-    gap = [r for r in bn if r.get('stats_gap') is not None]
+    figures.append(('Test accuracy over momentum x batch size',
+                    plot_heatmap(moving, out / 'heatmap_momentum_batch.png'), ''))
+    gap = [r for r in moving if r.get('stats_gap') is not None]
     if gap:
       figures.append(('Batch-stats minus moving-stats test accuracy', plot_heatmap(
           gap, out / 'heatmap_stats_gap.png', 'stats_gap', 'test acc (batch stats) - test acc (moving stats)'), ''))

@@ -1,5 +1,5 @@
 """Run with 8 forced CPU devices: bnjax statistics under shard_map equal those of the whole batch,
-and `normalize` (used without `mapped`) gives the values and gradients of one device.
+and `normalize`, told nothing of the mesh, gives the values and gradients of one device.
 
 Prints one line per check and exits non-zero on the first mismatch. Used by
 tests/test_norm_sharded.py in a subprocess (XLA_FLAGS must be set before jax
@@ -29,15 +29,15 @@ def sharded(fn, n_args):
   )
 
 
-def user_norm(x, params, axis_name=None, **normalize_options):
+def user_norm(x, params, axis_name=None):
   """A norm function built from bnjax's parts, as a user would: global statistics, then `normalize`.
 
-  It does not tell `normalize` that it runs under a mapped axis (no `mapped`).
+  It does not tell `normalize` that it runs under a mapped axis: `normalize` sees it itself.
   """
   reduce_axes = tuple(range(x.ndim - 1))
   moments = bnjax.batch_moments(x, reduce_axes, axis_name=axis_name)
   scale, bias = (params[k].reshape((1,) * (x.ndim - 1) + (-1,)) for k in ('scale', 'bias'))
-  return normalize(x, moments, scale, bias, None, reduce_axes=reduce_axes, epsilon=1e-3, **normalize_options)
+  return normalize(x, moments, scale, bias, None, reduce_axes=reduce_axes, epsilon=1e-3)
 
 
 def output_and_gradients(norm_fn, x, params, dy):
@@ -126,14 +126,10 @@ for shape in [(64, 12), (16, 4, 4, 12)]:
   ))(x, dy)
   check(f'ghost batch norm gradients per device {shape}', ghost_grads, ghost_grad_ref, tol=1e-4)
 
-  # A new norm function built on `normalize` needs no `mapped=True` under shard_map:
-  # normalize sees the mapped axis itself. `mapped` is still accepted.
+  # A new norm function built on `normalize` under shard_map: normalize sees the mapped axis itself.
   want = output_and_gradients(user_norm, x, params, dy)
   got = sharded_output_and_gradients(lambda x, p: user_norm(x, p, 'batch'), x, dy)
-  check(f'normalize without mapped under shard_map {shape}', got, want, tol=1e-4)
-  for mapped in (True, False):
-    got = sharded_output_and_gradients(lambda x, p: user_norm(x, p, 'batch', mapped=mapped), x, dy)
-    check(f'normalize mapped={mapped} under shard_map {shape}', got, want, tol=1e-4)
+  check(f'normalize under shard_map {shape}', got, want, tol=1e-4)
 
   # Per-device batch norm (no axis_name) under shard_map is ghost BN over the device batches.
   want = output_and_gradients(
