@@ -226,7 +226,7 @@ def compare(batch, rounds, steps, torch_compile=False):
   found = contenders(batch, torch_compile)
   times = alternate(found, rounds, steps)
   baseline = next((name for name in found if name.startswith('pytorch')), None)
-  print(f'\ncnn_seed training step, batch {batch}: median of {rounds} rounds of {steps} steps '
+  print(f'\ncifar_cnn training step, batch {batch}: median of {rounds} rounds of {steps} steps '
         f'(load average {", ".join(f"{v:.1f}" for v in os.getloadavg())})')
   base = statistics.median(times[baseline]) if baseline else None
   best = min((statistics.median(t) for name, t in times.items() if name.startswith('pytorch')), default=None)

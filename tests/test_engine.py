@@ -14,7 +14,7 @@ def small():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.random((130, 28, 28, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 130), jnp.int32)
-  model = models.get('mlp_seed', norm='bn', dropout_placement='end', dropout_rate=0.3)
+  model = models.get('mnist_mlp', norm='bn', dropout_placement='end', dropout_rate=0.3)
   optimizer = optax.adam(1e-3)
   return model, optimizer, images, labels
 
@@ -94,7 +94,7 @@ def test_batch_statistics_evaluation_uses_each_batch_and_no_dropout(small):
 
 def test_batch_statistics_evaluation_of_a_ghost_model_fills_whole_ghost_batches(small):
   _, optimizer, images, labels = small
-  model = models.get('mlp_seed', norm='ghost', virtual_batch_size=8)
+  model = models.get('mnist_mlp', norm='ghost', virtual_batch_size=8)
   state = engine.init_train_state(model, optimizer, 0, images[:8])
   # Batch 100 becomes 96 (a multiple of 8); of 130 examples the 128 in whole ghost batches count.
   totals = jax.jit(engine.make_evaluate(model, batch_size=100, eval_stats='batch'))(state, images, labels)
@@ -107,8 +107,8 @@ def test_batch_statistics_evaluation_of_a_ghost_model_fills_whole_ghost_batches(
 
 
 def test_step_loop_choice():
-  mlp = models.get('mlp_seed', norm='bn')
-  cnn = models.get('cnn_seed', norm='bn')
+  mlp = models.get('mnist_mlp', norm='bn')
+  cnn = models.get('cifar_cnn', norm='bn')
   assert engine.step_loop_for(mlp, 'auto', backend='cpu') == 'scan'
   assert engine.step_loop_for(cnn, 'auto', backend='cpu') == 'python'
   assert engine.step_loop_for(cnn, 'auto', backend='gpu') == 'scan'

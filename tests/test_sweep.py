@@ -87,7 +87,7 @@ def test_a_groups_structure_is_read_from_the_option_table():
 
 def test_conv_groups_train_one_run_at_a_time_on_cpu_only():
   mlp, _ = sweep.expand_grid(TrainConfig(), {'momentum': [0.6, 0.9]})
-  cnn, _ = sweep.expand_grid(TrainConfig(dataset='cifar10', model='cnn_seed'), {'momentum': [0.6, 0.9, 0.99]})
+  cnn, _ = sweep.expand_grid(TrainConfig(dataset='cifar10', model='cifar_cnn'), {'momentum': [0.6, 0.9, 0.99]})
   groups = sweep.group_runs(mlp + cnn)
   assert sorted(len(g) for g in groups) == [2, 3]
   assert sorted(len(g) for g in sweep.one_run_per_conv_group(groups, 'cpu')) == [1, 1, 1, 2]

@@ -23,7 +23,7 @@ result is the same.)
 
 One exception, measured: on XLA:CPU a convolution inside `lax.scan` runs
 about 30x slower than the same convolution outside one (its gradient: 2.06 s
-vs 0.06 s for four 32x32x32 batches; a whole cnn_seed step 1.6 s vs 0.07 s),
+vs 0.06 s for four 32x32x32 batches; a whole cifar_cnn step 1.6 s vs 0.07 s),
 even when the scan is unrolled. So for convolutional models on CPU,
 `step_loop='python'` drives the epoch with one jitted step per call, no scan
 (the host only dispatches; each step takes tens of milliseconds);

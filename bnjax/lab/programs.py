@@ -151,7 +151,7 @@ def checked_norm_paths(config, model, sample) -> list | None:
   for a model from an import path, checked: a norm asked for and none built is a one-line error."""
   from bnjax.lab import models, registry
 
-  if config.norm_weight_decay and registry.canonical_name(config.model) in registry.ENTRIES:
+  if config.norm_weight_decay and config.model in registry.ENTRIES:
     return None
   paths = models.norm_layer_paths(model, sample)
   models.check_norm_layers(model, paths)

@@ -144,7 +144,7 @@ def one_run_per_conv_group(groups: Sequence[Sequence[TrainConfig]], backend: str
   """On CPU, splits the groups of convolutional models into one run per device (they still share one compile).
 
   XLA:CPU runs a vmapped convolution as a grouped convolution, far slower:
-  cnn_seed at batch 32 took 681 ms per step for 2 vmapped runs vs 128 ms for
+  cifar_cnn at batch 32 took 681 ms per step for 2 vmapped runs vs 128 ms for
   one. With `num_devices` CPU devices a part has one lane per device (each
   device runs its lane's convolution alone). Other backends and dense
   models keep their groups.

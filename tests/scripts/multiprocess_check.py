@@ -24,7 +24,7 @@ from bnjax.lab import build, engine  # noqa: E402
 from bnjax.lab.config import TrainConfig  # noqa: E402
 
 BATCH, STEPS = 64, 3
-config = TrainConfig(model='mlp_seed', norm='bn', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
+config = TrainConfig(model='mnist_mlp', norm='bn', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
 rng = np.random.default_rng(0)
 images = rng.normal(0.5, 1.0, (512, 28, 28, 1)).astype(np.float32)
 labels = rng.integers(0, 10, 512).astype(np.int32)

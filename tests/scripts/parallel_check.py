@@ -60,7 +60,7 @@ TOL = 2e-5
 # SGD, not Adam: the biases of the linear layers before BN have no effect on
 # the loss, so their gradient is rounding noise, which Adam scales up to
 # learning-rate-sized steps that differ between any two summation orders.
-bn = TrainConfig(model='mlp_seed', norm='bn', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
+bn = TrainConfig(model='mnist_mlp', norm='bn', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
 want_losses, want_state = train(bn, 1)
 losses, state = train(bn, DEVICES, 'sync')
 print('losses', losses.tolist())
@@ -71,7 +71,7 @@ check('sync optimizer state', state.opt_state, want_state.opt_state, TOL)
 assert max_diff(losses, train(bn, DEVICES, 'local')[0]) > 1e-4, 'local mode should differ from sync'
 print('ok local differs from sync')
 
-ghost = TrainConfig(model='mlp_seed', norm='ghost', virtual_batch_size=BATCH // DEVICES, batch_size=BATCH,
+ghost = TrainConfig(model='mnist_mlp', norm='ghost', virtual_batch_size=BATCH // DEVICES, batch_size=BATCH,
                     learning_rate=0.1, optimizer='sgd')
 want_losses, want_state = train(ghost, 1)
 losses, state = train(bn, DEVICES, 'local')
@@ -83,7 +83,7 @@ check('local moving statistics = 1-device ghost', state.batch_stats, want_state.
 losses, state = train(ghost, DEVICES, 'sync')
 check('ghost on 8 devices = 1-device ghost', losses, want_losses, TOL)
 
-renorm = TrainConfig(model='mlp_seed', norm='renorm', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
+renorm = TrainConfig(model='mnist_mlp', norm='renorm', batch_size=BATCH, learning_rate=0.1, optimizer='sgd')
 want_losses, want_state = train(renorm, 1)
 losses, state = train(renorm, DEVICES, 'sync')
 check('renorm sync losses', losses, want_losses, TOL)

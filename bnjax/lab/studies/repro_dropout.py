@@ -103,11 +103,11 @@ def run(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   parts = {}
   mnist = TrainConfig(**MNIST, scaling='unit', batch_size=500, epochs=settings['mlp_epochs'], data_dir=data_dir)
   grid = settings['placements'], settings['rates']
-  parts['mlp_seed (MNIST)'] = sweep_records(dropout_configs(mnist, *grid, ('none', 'bn'), settings['seeds']),
+  parts['mnist_mlp (MNIST)'] = sweep_records(dropout_configs(mnist, *grid, ('none', 'bn'), settings['seeds']),
                                             out / 'sweep_mlp', log)
   if settings['cnn_epochs']:
     cifar = TrainConfig(**{**CIFAR, 'epochs': settings['cnn_epochs'], 'data_dir': data_dir})
-    parts['cnn_seed (CIFAR-10)'] = sweep_records(dropout_configs(cifar, *grid, ('bn',), settings['cnn_seeds']),
+    parts['cifar_cnn (CIFAR-10)'] = sweep_records(dropout_configs(cifar, *grid, ('bn',), settings['cnn_seeds']),
                                                  out / 'sweep_cnn', log)
   for records in parts.values():
     add_shift_at_init(records)

@@ -63,7 +63,7 @@ def parts_of(settings: Mapping, data_dir: str | None) -> dict:
   if settings['cnn_epochs']:
     # A new study, no numbers to keep: the CNN takes the CPU fast paths (exactly XLA's layers off CPU).
     model = settings.get('model', 'cifar_cnn')
-    if registry.canonical_name(model) == 'cifar_cnn':
+    if model == 'cifar_cnn':
       cifar = {k: v for k, v in CIFAR.items() if k != 'epochs'}
       parts['CIFAR-10 CNN'] = part_of(dict(cifar, batch_size=batch, data_dir=data_dir, conv_impl='cpu_fast'),
                                       settings['cnn_epochs'])
