@@ -94,10 +94,6 @@ def _mean(values) -> float | None:
 
 def run(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
   """Runs the study (see the module docstring); returns `{'table': markdown, 'results': ...}`."""
-  import jax.numpy as jnp
-
-  from bnjax.lab import adaptation, build, plots
-  from bnjax.lab import data as data_lib
   from bnjax.lab.data import corruptions
 
   methods = list(settings['methods'])
@@ -110,61 +106,92 @@ def run(out: Path, settings: Mapping, data_dir: str | None, log) -> dict:
     for name in names:
       table.check(CORRUPTED[dataset], name, severities[0])
     start = time.perf_counter()
-    models = {}
-    clean = None
-    for name in settings[f'{dataset}_models']:
-      models_dir = Path(settings['models_dir']) if settings['models_dir'] else out / 'models'
-      config = model_config(dataset, name, settings, models_dir / dataset / name, data_dir)
-      clean = clean if clean is not None and config_lib.dataset_key(config) == clean[0] else (
-          config_lib.dataset_key(config), build.dataset(config))
-      log(f'--- {dataset} {name}: training (or reusing) {config.workdir}')
-      state, _ = trained_state(config, clean[1], log)
-      evaluation = adaptation_config(config, settings)
-      models[name] = (evaluation, state, adaptation.make_evaluator(evaluation, build.model(evaluation)), clean[1])
+    models = source_models(dataset, settings, out, data_dir, log)
     results['seconds'][f'{dataset}_train'] = time.perf_counter() - start
-    raw = data_lib.read(dataset, source='auto', data_dir=data_dir)
-    count = min(settings['test_examples'], len(raw.test_labels))
-    test_uint8, labels = raw.test_images[:count], jnp.asarray(raw.test_labels[:count])
-
-    def scaled(images, prepared):
-      p = prepared.preprocessing
-      return jnp.asarray(data_lib.scale_images(images, np.asarray(p.mean), np.asarray(p.std)))
-
-    errors = {name: {} for name in models}
-    start = time.perf_counter()
-    for name, (evaluation, state, evaluate, prepared) in models.items():
-      results['clean'].setdefault(dataset, {})[name] = evaluate(state, scaled(test_uint8, prepared), labels, methods)
-    generate_seconds = 0.0
-    for corruption in names:
-      for severity in severities:
-        tick = time.perf_counter()
-        corrupted = corruptions.corrupt(test_uint8, CORRUPTED[dataset], corruption, severity,
-                                        seed=settings['corruption_seed'])
-        generate_seconds += time.perf_counter() - tick
-        for name, (evaluation, state, evaluate, prepared) in models.items():
-          errors[name].setdefault(corruption, {})[str(severity)] = evaluate(
-              state, scaled(corrupted, prepared), labels, methods)
-        log(f'{dataset} {corruption} severity {severity}: ' + '; '.join(
-            f'{name} ' + ' '.join(f'{m}={errors[name][corruption][str(severity)][m]:.3f}' for m in methods)
-            for name in models))
-    results['seconds'][f'{dataset}_generate'] = generate_seconds
-    results['seconds'][f'{dataset}_evaluate'] = time.perf_counter() - start - generate_seconds
-    results['errors'][dataset] = errors
+    evaluate_under_shift(dataset, models, names, settings, data_dir, log, results)
     for name in models:
-      per = errors[name]
-      means = {m: {'severity_' + str(severities[-1]): _mean(per[c][str(severities[-1])][m] for c in names),
-                   'all': _mean(per[c][str(s)][m] for c in names for s in severities),
-                   'by_severity': [_mean(per[c][str(s)][m] for c in names) for s in severities]} for m in methods}
-      results['means'].setdefault(dataset, {})[name] = means
-      title = f'{dataset} {name}'
-      plots.plot_error_vs_severity({m: means[m]['by_severity'] for m in methods}, severities,
-                                   out / f'{dataset}_{name}_severity.png', title=f'{title}: mean error over corruptions',
-                                   clean={m: results['clean'][dataset][name][m] for m in methods})
-      plots.plot_corruption_bars({c: {m: per[c][str(severities[-1])][m] for m in methods} for c in names},
-                                 out / f'{dataset}_{name}_bars.png',
-                                 title=f'{title}: error at severity {severities[-1]}')
+      results['means'].setdefault(dataset, {})[name] = mean_errors(results['errors'][dataset][name], names,
+                                                                   methods, severities)
+      plot_model(out, dataset, name, results, names, methods, severities)
   (out / 'errors.md').write_text(errors_markdown(results, methods, severities))
   return {'table': summary_markdown(results, methods, severities), 'results': results}
+
+
+def source_models(dataset: str, settings: Mapping, out: Path, data_dir, log) -> dict:
+  """`{model: (evaluation config, trained TrainState, evaluate, prepared clean data)}` for the study's source
+  models on `dataset`, each trained in (or reused from) its run folder."""
+  from bnjax.lab import adaptation, build
+
+  models, clean = {}, None
+  models_dir = Path(settings['models_dir']) if settings['models_dir'] else out / 'models'
+  for name in settings[f'{dataset}_models']:
+    config = model_config(dataset, name, settings, models_dir / dataset / name, data_dir)
+    if clean is None or config_lib.dataset_key(config) != clean[0]:
+      clean = (config_lib.dataset_key(config), build.dataset(config))
+    log(f'--- {dataset} {name}: training (or reusing) {config.workdir}')
+    state, _ = trained_state(config, clean[1], log)
+    evaluation = adaptation_config(config, settings)
+    models[name] = (evaluation, state, adaptation.make_evaluator(evaluation, build.model(evaluation)), clean[1])
+  return models
+
+
+def evaluate_under_shift(dataset: str, models: Mapping, names, settings: Mapping, data_dir, log,
+                         results: dict) -> None:
+  """Every model with every method on the clean test images and on each corruption x severity (generated once,
+  shared by the models); fills `results['clean'|'errors'|'seconds']` for `dataset`."""
+  import jax.numpy as jnp
+
+  from bnjax.lab import data as data_lib
+  from bnjax.lab.data import corruptions
+
+  methods = list(settings['methods'])
+  raw = data_lib.read(dataset, source='auto', data_dir=data_dir)
+  count = min(settings['test_examples'], len(raw.test_labels))
+  test_uint8, labels = raw.test_images[:count], jnp.asarray(raw.test_labels[:count])
+
+  def scaled(images, prepared):  # uint8 [N, H, W, C] -> the model's input scaling
+    p = prepared.preprocessing
+    return jnp.asarray(data_lib.scale_images(images, np.asarray(p.mean), np.asarray(p.std)))
+
+  errors = {name: {} for name in models}
+  start = time.perf_counter()
+  for name, (_, state, evaluate, prepared) in models.items():
+    results['clean'].setdefault(dataset, {})[name] = evaluate(state, scaled(test_uint8, prepared), labels, methods)
+  generate_seconds = 0.0
+  for corruption in names:
+    for severity in (int(s) for s in settings['severities']):
+      tick = time.perf_counter()
+      corrupted = corruptions.corrupt(test_uint8, CORRUPTED[dataset], corruption, severity,
+                                      seed=settings['corruption_seed'])
+      generate_seconds += time.perf_counter() - tick
+      for name, (_, state, evaluate, prepared) in models.items():
+        errors[name].setdefault(corruption, {})[str(severity)] = evaluate(
+            state, scaled(corrupted, prepared), labels, methods)
+      log(f'{dataset} {corruption} severity {severity}: ' + '; '.join(
+          f'{name} ' + ' '.join(f'{m}={errors[name][corruption][str(severity)][m]:.3f}' for m in methods)
+          for name in models))
+  results['seconds'][f'{dataset}_generate'] = generate_seconds
+  results['seconds'][f'{dataset}_evaluate'] = time.perf_counter() - start - generate_seconds
+  results['errors'][dataset] = errors
+
+
+def mean_errors(per: Mapping, names, methods, severities) -> dict:
+  """Per method: the mean error over corruptions at the highest severity, over all, and per severity."""
+  return {m: {'severity_' + str(severities[-1]): _mean(per[c][str(severities[-1])][m] for c in names),
+              'all': _mean(per[c][str(s)][m] for c in names for s in severities),
+              'by_severity': [_mean(per[c][str(s)][m] for c in names) for s in severities]} for m in methods}
+
+
+def plot_model(out: Path, dataset: str, name: str, results: Mapping, names, methods, severities) -> None:
+  """`<dataset>_<name>_severity.png` (mean error vs severity) and `<dataset>_<name>_bars.png` (per corruption)."""
+  from bnjax.lab import plots
+
+  means, per, title = results['means'][dataset][name], results['errors'][dataset][name], f'{dataset} {name}'
+  plots.plot_error_vs_severity({m: means[m]['by_severity'] for m in methods}, severities,
+                               out / f'{dataset}_{name}_severity.png', title=f'{title}: mean error over corruptions',
+                               clean={m: results['clean'][dataset][name][m] for m in methods})
+  plots.plot_corruption_bars({c: {m: per[c][str(severities[-1])][m] for m in methods} for c in names},
+                             out / f'{dataset}_{name}_bars.png', title=f'{title}: error at severity {severities[-1]}')
 
 
 def _pct(value) -> str:
