@@ -274,6 +274,17 @@ def _nnx_training_copy(graphdef, *states):
   model = nnx.merge(graphdef, *states, copy=True)
   for _, layer in bn_nnx.norm_layers(model):
     layer.use_running_average, layer.frozen = False, False
+  return _nnx_renorm_as_batch_norm(model)
+
+
+def _nnx_renorm_as_batch_norm(model):
+  """`model` (a copy) with every `bnjax.nnx.BatchRenorm` normalizing by the batch statistics alone: r and d
+  clipped to 1 and 0 (rmax = 1, dmax = 0), as `renorm_as_batch_norm` does for linen. Returns `model`."""
+  from bnjax import nnx as bn_nnx
+
+  for _, layer in bn_nnx.norm_layers(model):
+    if isinstance(layer, bn_nnx.BatchRenorm):
+      layer.rmax, layer.dmax = 1.0, 0.0
   return model
 
 
@@ -287,10 +298,14 @@ def nnx_prediction_bn(model, x: Array, *, forward: Callable | None = None) -> Ar
 
 
 def nnx_adabn(model, batches: Any, *, forward: Callable | None = None, num_examples: int | None = None):
-  """`adabn` for an NNX model, in place: `bnjax.nnx.precise_statistics` over the target batches. Returns model."""
+  """`adabn` for an NNX model, in place: `bnjax.nnx.precise_statistics` over the target batches, with batch
+  renorm layers as plain BN in the passes (each layer's statistics are those of the inputs inference with the
+  re-estimated statistics will give it). Returns model."""
   from bnjax import nnx as bn_nnx
 
-  return bn_nnx.precise_statistics(model, batches, forward=forward, num_examples=num_examples)
+  forward = forward or (lambda m, x: m(x))
+  return bn_nnx.precise_statistics(model, batches, forward=lambda m, x: forward(_nnx_renorm_as_batch_norm(m), x),
+                                   num_examples=num_examples)
 
 
 def nnx_tent(model, batches: Array, optimizer: optax.GradientTransformation, *, episodic: bool = False,

@@ -158,3 +158,46 @@ def test_renorm_layers_adapt_with_batch_statistics_alone():
   adapted = adapt.adabn(train_apply, variables, X)
   h = np.asarray(X.reshape(-1, 5) @ VARIABLES['params']['dense']['kernel'] + VARIABLES['params']['dense']['bias'])
   np.testing.assert_allclose(adapted['norm']['mean'], h.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def _nnx_two_norm_model(norm_class):
+  """dense -> norm -> relu -> dense -> norm -> relu -> head (NNX), its weights from one seed; for renorm, source
+  statistics far from the data (so that renorm's r and d in training mode would map back to them)."""
+  from flax import nnx
+
+  class TwoNorm(nnx.Module):
+    def __init__(self, rngs):
+      self.dense1, self.norm1 = nnx.Linear(5, 8, rngs=rngs), norm_class(8, epsilon=EPS, rngs=rngs)
+      self.dense2, self.norm2 = nnx.Linear(8, 8, rngs=rngs), norm_class(8, epsilon=EPS, rngs=rngs)
+      self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      h = nnx.relu(self.norm1(self.dense1(x)))
+      return self.head(nnx.relu(self.norm2(self.dense2(h))))
+
+  model = TwoNorm(nnx.Rngs(0))
+  for layer in (model.norm1, model.norm2):
+    for field in ('mean', 'renorm_mean'):
+      if hasattr(layer, field):
+        getattr(layer, field)[...] = jnp.linspace(-3, 3, 8)
+    for field in ('std', 'renorm_std'):
+      if hasattr(layer, field):
+        getattr(layer, field)[...] = jnp.linspace(0.2, 4, 8)
+  model.eval()
+  return model
+
+
+def test_nnx_renorm_layers_adapt_with_batch_statistics_alone():
+  from bnjax import nnx as bn_nnx
+
+  renorm, bn = _nnx_two_norm_model(bn_nnx.BatchRenorm), _nnx_two_norm_model(bn_nnx.BatchNorm)
+  np.testing.assert_allclose(adapt.nnx_prediction_bn(renorm, X[0]), adapt.nnx_prediction_bn(bn, X[0]), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(adapt.nnx_tent(renorm, X[:2], optax.sgd(0.5)), adapt.nnx_tent(bn, X[:2], optax.sgd(0.5)),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(renorm.norm2.scale[...], bn.norm2.scale[...], rtol=1e-4, atol=1e-6)
+  adapt.nnx_adabn(renorm, X)
+  adapt.nnx_adabn(bn, X)
+  for r, b in ((renorm.norm1, bn.norm1), (renorm.norm2, bn.norm2)):  # the second layer sees batch-normalized inputs
+    np.testing.assert_allclose(r.mean[...], b.mean[...], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r.std[...], jnp.sqrt(b.var[...] + EPS), rtol=1e-5, atol=1e-5)
