@@ -50,3 +50,24 @@ def test_adapt_options_are_checked_in_one_line():
       config_lib.make(settings)
     assert '\n' not in str(error.value)
   assert config_lib.make({'adapt': 'source+tent', 'tent_lr': 0.01}).tent_lr == 0.01
+
+
+def test_resnet20_source_model_is_the_cifar_resnet20_study_run(tmp_path):
+  """bn_shift's resnet20 is the cifar_resnet20 study's run (same identity, its folder), so a finished run is
+  reused; listing it for MNIST is one line naming the flag."""
+  from bnjax.lab import rundir
+  from bnjax.lab import study as study_lib
+  from bnjax.lab.studies import cifar_resnet20
+
+  for budget in ('cpu', 'full'):
+    settings = bn_shift.STUDY.budgets[budget]
+    ours = bn_shift.model_config('cifar10', 'resnet20', settings, tmp_path / 'cifar_resnet20' / 'run', None)
+    theirs = study_lib.single_run_configs(tmp_path / 'cifar_resnet20', cifar_resnet20.STUDY.budgets[budget], None,
+                                          cifar_resnet20.STUDY.runs)['run']
+    assert rundir.resume_conflicts(theirs, ours) == [] and ours.steps == theirs.steps
+    assert (ours.model, ours.dataset, ours.optimizer, ours.batch_size) == ('resnet20', 'cifar10', 'momentum', 128)
+    assert ours.workdir == theirs.workdir
+  assert tmp_path / bn_shift.STUDY_RUNS['resnet20'] == tmp_path / 'cifar_resnet20' / 'run'
+  with pytest.raises(ValueError, match='--mnist_models') as error:
+    bn_shift.model_config('mnist', 'resnet20', bn_shift.STUDY.budgets['cpu'], tmp_path, None)
+  assert '\n' not in str(error.value)

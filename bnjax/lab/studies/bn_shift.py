@@ -6,9 +6,12 @@
 Source models are trained on the clean training split (or reused: each model's run folder
 `<models_dir>/<dataset>/<model>`, by default `<out>/bn_shift/models/...`, is resumed, so a finished
 run is not trained again; `--models_dir` points at another study's models), one
-per norm setting the issue asks about: BN at the default momentum 0.99 and batch, BN momentum 0.9,
+per norm setting of interest: BN at the default momentum 0.99 and batch, BN momentum 0.9,
 BN at a small training batch, batch renorm, ghost BN, and group / layer norm (no batch dependence:
-nothing to re-estimate, TENT adapts their scale and bias). Each is evaluated with every method of
+nothing to re-estimate, TENT adapts their scale and bias); on CIFAR-10 also He et al.'s ResNet-20 with its own
+recipe (`resnet20`, `resnet20_steps` long: the full budget's, or `--cifar10_models=...,resnet20`), whose run is
+the `cifar_resnet20` study's (`<out>/cifar_resnet20/run`, reused when that study has run; trained there
+otherwise). Each is evaluated with every method of
 `bnjax.lab.adaptation` (source, prediction_bn, prior, adabn, tent) on the clean test split and on
 every corruption of `bnjax.lab.corruption_table` at each severity (generated once per data set and
 shared by the models), with the test split cut into batches of `test_batch_size`.
@@ -31,8 +34,9 @@ import numpy as np
 from bnjax.lab import config as config_lib
 from bnjax.lab import corruption_table as table
 from bnjax.lab.options import ADAPT_METHODS as METHODS
-from bnjax.lab.study import Study
+from bnjax.lab.study import LENGTH, Study
 from bnjax.lab.study_common import CIFAR, MNIST
+from bnjax.lab.studies import cifar_resnet20
 
 # The source's recipes; each model's norm and the budget's epochs come on top.
 BASES = {'mnist': dict(MNIST, batch_size=500),
@@ -50,19 +54,40 @@ MODELS = {
     'group': dict(norm='group', num_groups=8),
     'layer': dict(norm='layer'),
     'none': dict(norm='none'),
+    # He et al.'s ResNet-20 with its own recipe (bnjax.lab.registry), as the cifar_resnet20 study trains it
+    # (`resnet20_steps` long): by default its source model is that study's run, reused if there.
+    'resnet20': cifar_resnet20.RESNET20,
 }
+# Source models that are another study's run (`<out>/<study>/<run>`), unless --models_dir names another folder.
+STUDY_RUNS = {'resnet20': Path(cifar_resnet20.STUDY.name) / 'run'}
+RESNET20_STEPS = {budget: settings['steps'] for budget, settings in cifar_resnet20.STUDY.budgets.items()}
 
 
 def model_config(dataset: str, name: str, settings: Mapping, workdir: Path, data_dir):
   """The training config of source model `name` on `dataset` (clean)."""
   if name not in MODELS:
     raise ValueError(f'--{dataset}_models has {name!r}: expected names of {", ".join(MODELS)}.')
+  if 'model' in MODELS[name]:  # a registry model: its own recipe and data set, `<name>_steps` long
+    return _own_recipe_config(dataset, name, settings, workdir, data_dir)
   fields = {**BASES[dataset], **MODELS[name], 'epochs': settings[f'{dataset}_epochs'], 'seed': settings['seed'],
             'workdir': str(workdir), 'progress_updates': 0}
   if dataset == 'cifar10' and fields.get('batch_size') == 32 and name == 'bn_batch_32':
     fields['batch_size'] = 8  # the CNN already trains at 32: its small batch is 8
   if data_dir is not None:
     fields['data_dir'] = data_dir
+  return config_lib.make(fields)
+
+
+def _own_recipe_config(dataset: str, name: str, settings: Mapping, workdir: Path, data_dir):
+  """The config of a source model that trains with its model's own settings (`config.with_model_defaults`)."""
+  fields = {**MODELS[name], 'steps': settings[f'{name}_steps'], 'seed': settings['seed'], 'workdir': str(workdir),
+            'progress_updates': 0}
+  if data_dir is not None:
+    fields['data_dir'] = data_dir
+  fields = config_lib.with_model_defaults(fields, keep=LENGTH)
+  if fields.get('dataset') != dataset:
+    raise ValueError(f'--{dataset}_models has {name!r}, a model of {fields.get("dataset")}: list it in '
+                     f'--{fields.get("dataset")}_models.')
   return config_lib.make(fields)
 
 
@@ -125,7 +150,9 @@ def source_models(dataset: str, settings: Mapping, out: Path, data_dir, log) -> 
   models, clean = {}, None
   models_dir = Path(settings['models_dir']) if settings['models_dir'] else out / 'models'
   for name in settings[f'{dataset}_models']:
-    config = model_config(dataset, name, settings, models_dir / dataset / name, data_dir)
+    workdir = out.parent / STUDY_RUNS[name] if name in STUDY_RUNS and not settings['models_dir'] else \
+        models_dir / dataset / name
+    config = model_config(dataset, name, settings, workdir, data_dir)
     if clean is None or config_lib.dataset_key(config) != clean[0]:
       clean = (config_lib.dataset_key(config), build.dataset(config))
     log(f'--- {dataset} {name}: training (or reusing) {config.workdir}')
@@ -238,9 +265,10 @@ STUDY = Study(
                                                               'ghost_50', 'group', 'layer'],
                  cifar10_models=['bn', 'group'], mnist_epochs=3, cifar10_epochs=2, seed=0,
                  mnist_corruptions=_MNIST_CORRUPTIONS, cifar10_corruptions=_CIFAR_CORRUPTIONS, severities=[1, 3, 5],
-                 test_examples=2000, **_EVALUATION),
+                 test_examples=2000, resnet20_steps=RESNET20_STEPS['cpu'], **_EVALUATION),
      'full': dict(datasets=['mnist', 'cifar10'], mnist_models=list(MODELS),
-                  cifar10_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm', 'ghost_8', 'group', 'layer'],
+                  cifar10_models=['bn', 'bn_momentum_0.9', 'bn_batch_32', 'renorm', 'ghost_8', 'group', 'layer',
+                                  'resnet20'],
                   mnist_epochs=20, cifar10_epochs=30, seed=0, mnist_corruptions=_MNIST_CORRUPTIONS,
                   cifar10_corruptions=_CIFAR_CORRUPTIONS, severities=[1, 2, 3, 4, 5], test_examples=10_000,
-                  **_EVALUATION)})
+                  resnet20_steps=RESNET20_STEPS['full'], **_EVALUATION)})
