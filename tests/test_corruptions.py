@@ -3,6 +3,7 @@ corruptions against direct computations (numpy, scipy.ndimage, PIL, colorsys); T
 
 import colorsys
 
+import jax
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -82,6 +83,42 @@ def test_pixelate_is_pil_box_resize_and_zoom_blur_is_scipy_zoom():
     out += zoomed[trim:trim + 32, trim:trim + 32]
   want = np.floor(np.clip((x + out) / (len(zooms) + 1), 0, 1) * 255)
   np.testing.assert_allclose(corruptions.corrupt(CIFAR_IMAGES[:1], table.CIFAR, 'zoom_blur', 1)[0], want, atol=1)
+
+
+def _elastic_with_scipy(image, shifts, noise_x, noise_y, alpha, sigma):
+  """make_cifar_c.py's elastic_transform given its draws, in numpy/scipy: OpenCV's warpAffine (bilinear,
+  reflect-101) as map_coordinates with mode 'mirror' at the inverse affine map."""
+  h, w = image.shape[:2]
+  center, square = np.float32([h, w]) // 2, min(h, w) // 3
+  src = np.float32([center + square, [center[0] + square, center[1] - square], center - square])
+  dst = src + shifts
+  inverse = np.linalg.solve(np.concatenate([dst, np.ones((3, 1))], 1), src).T  # (x, y, 1) -> source (x, y)
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  src_x = inverse[0, 0] * cols + inverse[0, 1] * rows + inverse[0, 2]
+  src_y = inverse[1, 0] * cols + inverse[1, 1] * rows + inverse[1, 2]
+  warped = np.stack([scipy.ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode='mirror')
+                     for c in range(image.shape[2])], -1)
+  smooth = lambda noise: scipy.ndimage.gaussian_filter(noise, sigma, mode='reflect', truncate=3) * alpha if alpha \
+      else np.zeros_like(noise)
+  dy, dx = smooth(noise_y), smooth(noise_x)
+  out = np.stack([scipy.ndimage.map_coordinates(warped[..., c], [rows + dy, cols + dx], order=1, mode='reflect')
+                  for c in range(image.shape[2])], -1)
+  return np.clip(out, 0, 1)
+
+
+@pytest.mark.parametrize('severity', [1, 2, 5])
+def test_elastic_transform_is_the_published_definition_in_scipy(severity):
+  alpha, sigma, affine = corruptions.CIFAR_PARAMS['elastic_transform'][severity - 1]
+  rng = np.random.default_rng(severity)
+  x = CIFAR_IMAGES[:3] / np.float32(255)
+  shifts = rng.uniform(-affine, affine, (3, 3, 2)).astype(np.float32)
+  noise = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+  got = jax.vmap(lambda *a: corruptions.elastic_transform(*a, alpha, sigma))(x, shifts, noise[0], noise[1])
+  want = np.stack([_elastic_with_scipy(x[i], shifts[i], noise[0, i], noise[1, i], alpha, sigma) for i in range(3)])
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert np.abs(got - x).mean() > 0.01  # it moved the image
+  corrupted = corruptions.corrupt(CIFAR_IMAGES[:2], table.CIFAR, 'elastic_transform', severity)
+  assert corrupted.shape == CIFAR_IMAGES[:2].shape and corrupted.dtype == np.uint8
 
 
 def test_mnist_translate_shifts_and_stripe_inverts():

@@ -15,8 +15,9 @@ same formula: `skimage.filters.gaussian` (truncate 4, mode 'nearest') as a separ
 OpenCV's `filter2D` (reflect-101 border) as a correlation, `scipy.ndimage.zoom(order=1)` as linear
 interpolation matrices, PIL's BOX resize with its weights and 8-bit rounding per pass, the HSV
 round trips of brightness and saturation in closed form (with hue and value fixed, each RGB channel
-is `v * (1 - s * k)` with k a function of hue only), and `skimage.transform.warp(order=1)` as
-bilinear sampling with zeros outside. Random draws come from JAX, not numpy's global generator: the
+is `v * (1 - s * k)` with k a function of hue only), `skimage.transform.warp(order=1)` as
+bilinear sampling with zeros outside, OpenCV's `warpAffine` as bilinear sampling with reflect-101 borders,
+and `scipy.ndimage.map_coordinates(order=1, mode='reflect')` with symmetric borders. Random draws come from JAX, not numpy's global generator: the
 same distributions, not the published sets' pixels.
 """
 
@@ -53,6 +54,9 @@ CIFAR_PARAMS = {
     'saturate': [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
     'jpeg_compression': [80, 65, 58, 50, 40],
     'pixelate': [0.95, 0.9, 0.85, 0.75, 0.65],
+    # (alpha, sigma, affine) as fractions of the image size 32
+    'elastic_transform': [tuple(32 * v for v in c) for c in
+                          ((0, 0, .08), (.05, .2, .07), (.08, .06, .06), (.1, .04, .05), (.1, .03, .03))],
 }
 MNIST_PARAMS = {
     'shot_noise': [60, 25, 12, 5, 3],
@@ -204,23 +208,54 @@ def plasma_fractal(key: Array, mapsize: int, wibbledecay: float) -> Array:
   return grid / grid.max()
 
 
-def bilinear_warp(x: Array, inverse: np.ndarray | Array) -> Array:
-  """`skimage.transform.warp(x, inverse_map, order=1)` with zeros outside: output pixel (col, row) takes
-  the bilinear sample of x at `inverse @ (col, row, 1)`. x `[H, W, C]`."""
+def _border_index(i: Array, size: int, border: str) -> Array:
+  """Integer positions `i` (as floats) folded into [0, size) by `border`: 'reflect_101' (OpenCV's
+  BORDER_REFLECT_101, scipy's 'mirror': d c b | a b c d | c b a), 'symmetric' (scipy's 'reflect':
+  b a | a b c d | d c), anything else clipped (its weight is zeroed by the caller for 'zeros')."""
+  if border == 'reflect_101':
+    period = 2 * (size - 1)
+    i = jnp.mod(i, period)
+    i = jnp.where(i > size - 1, period - i, i)
+  elif border == 'symmetric':
+    period = 2 * size
+    i = jnp.mod(i, period)
+    i = jnp.where(i >= size, period - 1 - i, i)
+  return jnp.clip(i, 0, size - 1).astype(jnp.int32)
+
+
+def bilinear_sample(x: Array, rows: Array, cols: Array, border: str = 'zeros') -> Array:
+  """x `[H, W, C]` sampled bilinearly at `(rows, cols)` (any equal shapes S): `[*S, C]`. Each of the four
+  neighbours outside the image is 0 (`border='zeros'`, skimage's warp with cval 0) or the pixel that
+  `border` folds it onto ('reflect_101', 'symmetric'; see `_border_index`)."""
+  h, w = x.shape[:2]
+  r0, c0 = jnp.floor(rows), jnp.floor(cols)
+  out = jnp.zeros(rows.shape + x.shape[2:], x.dtype)
+  for dr in (0, 1):
+    for dc in (0, 1):
+      rr, cc = r0 + dr, c0 + dc
+      weight = (1 - jnp.abs(rows - rr)) * (1 - jnp.abs(cols - cc))
+      if border == 'zeros':
+        weight = jnp.where((rr >= 0) & (rr <= h - 1) & (cc >= 0) & (cc <= w - 1), weight, 0.0)
+      pixel = x[_border_index(rr, h, border), _border_index(cc, w, border)]
+      out = out + weight[..., None] * pixel
+  return out
+
+
+def bilinear_warp(x: Array, inverse: np.ndarray | Array, border: str = 'zeros') -> Array:
+  """`skimage.transform.warp(x, inverse_map, order=1)` (zeros outside; or another `border`): output pixel
+  (col, row) takes the bilinear sample of x at `inverse @ (col, row, 1)`. x `[H, W, C]`."""
   h, w = x.shape[:2]
   rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij')
   src_c = inverse[0, 0] * cols + inverse[0, 1] * rows + inverse[0, 2]
   src_r = inverse[1, 0] * cols + inverse[1, 1] * rows + inverse[1, 2]
-  r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
-  out = jnp.zeros_like(x)
-  for dr in (0, 1):
-    for dc in (0, 1):
-      rr, cc = r0 + dr, c0 + dc
-      weight = (1 - jnp.abs(src_r - rr)) * (1 - jnp.abs(src_c - cc))
-      inside = (rr >= 0) & (rr <= h - 1) & (cc >= 0) & (cc <= w - 1)
-      pixel = x[jnp.clip(rr, 0, h - 1).astype(jnp.int32), jnp.clip(cc, 0, w - 1).astype(jnp.int32)]
-      out = out + jnp.where(inside, weight, 0.0)[..., None] * pixel
-  return out
+  return bilinear_sample(x, src_r, src_c, border)
+
+
+def affine_from_points(src: Array, dst: Array) -> Array:
+  """OpenCV's `getAffineTransform`: the `[2, 3]` matrix that maps the three points `src [3, 2]` (x, y) onto
+  `dst [3, 2]`."""
+  points = jnp.concatenate([src, jnp.ones((3, 1), src.dtype)], axis=1)
+  return jnp.linalg.solve(points, dst).T
 
 
 def _centered_affine(matrix: Array, size: int) -> Array:
@@ -384,6 +419,35 @@ def _spatter_mud(key, x, loc, scale, sigma, threshold, mud_sigma):
   return jnp.clip(x * (1 - mask) + 63 / 255 * mask, 0, 1)
 
 
+def _elastic(key, x, alpha, sigma, affine):
+  """make_cifar_c.py's `elastic_transform`, its random draws from `key` (see `elastic_transform`)."""
+  k_affine, k_dx, k_dy = jax.random.split(key, 3)
+  field = lambda k: jax.random.uniform(k, x.shape[:2], jnp.float32, -1.0, 1.0)
+  shifts = jax.random.uniform(k_affine, (3, 2), jnp.float32, -affine, affine)
+  return elastic_transform(x, shifts, field(k_dx), field(k_dy), alpha, sigma)
+
+
+def elastic_transform(x: Array, shifts: Array, noise_x: Array, noise_y: Array, alpha: float, sigma: float) -> Array:
+  """make_cifar_c.py's `elastic_transform` of x `[H, W, C]` given its random draws: a random affine warp (the
+  three points of a centered square, each moved by `shifts [3, 2]` (x, y), drawn from U(-affine, affine);
+  OpenCV's bilinear `warpAffine` with reflect-101 border), then a displacement field per axis,
+  `alpha * gaussian(noise, sigma)` (`noise_x`, `noise_y` `[H, W]` from U(-1, 1); skimage's gaussian with mode
+  'reflect' and truncate 3), applied by `scipy.ndimage.map_coordinates(order=1, mode='reflect')`. Clipped to
+  [0, 1]."""
+  h, w = x.shape[:2]
+  center, square = np.float32([h, w]) // 2, min(h, w) // 3
+  corners = np.float32([center + square, [center[0] + square, center[1] - square], center - square])
+  inverse = affine_from_points(jnp.asarray(corners) + shifts, jnp.asarray(corners))  # output -> sampled point
+  warped = bilinear_warp(x, inverse, border='reflect_101')
+  rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij')
+  if alpha:  # severity 1 has no displacement (alpha = sigma = 0)
+    taps = gaussian_taps(sigma, truncate=3.0)
+    smooth = lambda noise: alpha * _correlate_axis(_correlate_axis(noise, taps, 0, 'symmetric'), taps, 1,
+                                                   'symmetric')
+    rows, cols = rows + smooth(noise_y), cols + smooth(noise_x)
+  return jnp.clip(bilinear_sample(warped, rows, cols, 'symmetric'), 0, 1)
+
+
 def corruption_fn(dataset: str, name: str, severity: int):
   """`(key, x [H, W, C] float in [0, 1]) -> corrupted x` for one corruption and severity."""
   table.check(dataset, name, severity)
@@ -404,6 +468,7 @@ def corruption_fn(dataset: str, name: str, severity: int):
         'brightness': lambda k, x: jnp.clip(brightness_rgb(x, c), 0, 1),
         'saturate': lambda k, x: jnp.clip(saturate_rgb(x, c[0], c[1]), 0, 1),
         'pixelate': lambda k, x: _pixelate(x, c),
+        'elastic_transform': lambda k, x: _elastic(k, x, *c),
     }
     return fns[name]
   c = MNIST_PARAMS.get(name, [None] * 5)[s]
