@@ -121,6 +121,59 @@ def test_elastic_transform_is_the_published_definition_in_scipy(severity):
   assert corrupted.shape == CIFAR_IMAGES[:2].shape and corrupted.dtype == np.uint8
 
 
+def _imagemagick_motion_blur(image, radius, sigma, angle):
+  """ImageMagick 6's MotionBlurImage in numpy (float64): a half-Gaussian kernel of 2 ceil(radius) + 1 taps at
+  integer offsets along the angle, edge pixels repeated."""
+  width = int(2 * np.ceil(radius) + 1)
+  taps = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
+  taps /= taps.sum()
+  h, w = image.shape[:2]
+  out = np.zeros(image.shape)
+  for i in range(width):
+    dx = int(np.ceil(i * np.cos(np.deg2rad(angle)) - 0.5))
+    dy = int(np.ceil(i * np.sin(np.deg2rad(angle)) - 0.5))
+    out += taps[i] * image[np.clip(np.arange(h) + dy, 0, h - 1)][:, np.clip(np.arange(w) + dx, 0, w - 1)]
+  return out
+
+
+@pytest.mark.parametrize('dataset,severity,angle', [(table.CIFAR, 1, -31.0), (table.CIFAR, 5, 41.0),
+                                                    (table.MNIST, 5, 12.5)])
+def test_motion_blur_is_imagemagicks_kernel(dataset, severity, angle):
+  images = CIFAR_IMAGES[:2] if dataset == table.CIFAR else MNIST_IMAGES[:2]
+  params = corruptions.CIFAR_PARAMS if dataset == table.CIFAR else corruptions.MNIST_PARAMS
+  radius, sigma = params['motion_blur'][severity - 1]
+  x = images / np.float32(255)
+  got = jax.vmap(lambda image: corruptions.motion_blur(image, radius, sigma, angle))(x)
+  want = np.stack([_imagemagick_motion_blur(image, radius, sigma, angle) for image in x])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.abs(got - x).mean() > 0.01
+  assert corruptions.corrupt(images, dataset, 'motion_blur', severity).shape == images.shape
+
+
+def test_snow_is_the_published_definition_in_scipy():
+  c = corruptions.CIFAR_PARAMS['snow'][3]  # zoom 2.25: the layer is zoomed
+  rng = np.random.default_rng(4)
+  x = CIFAR_IMAGES[:2] / np.float32(255)
+  noise = rng.normal(size=(2, 32, 32)).astype(np.float32)
+  angles = np.float32([-100.0, -60.0])
+  got = jax.vmap(lambda image, n, a: corruptions.snow(image, n, a, *c))(x, noise, angles)
+  for i in range(2):
+    layer = c[0] + c[1] * noise[i]
+    crop = int(np.ceil(32 / c[2]))
+    top = (32 - crop) // 2
+    zoomed = scipy.ndimage.zoom(layer[top:top + crop, top:top + crop], c[2], order=1)
+    trim = (zoomed.shape[0] - 32) // 2
+    layer = zoomed[trim:trim + 32, trim:trim + 32]
+    layer = np.floor(np.clip(np.where(layer < c[3], 0, layer), 0, 1) * 255)
+    layer = np.floor(_imagemagick_motion_blur(layer[..., None], c[4], c[5], angles[i]) + 1e-6) / 255
+    gray = (x[i] @ np.float32([0.299, 0.587, 0.114]))[..., None]
+    image = c[6] * x[i] + (1 - c[6]) * np.maximum(x[i], gray * 1.5 + 0.5)
+    want = np.clip(image + layer + np.rot90(layer, 2), 0, 1)
+    assert np.mean(np.abs(got[i] - want) > 1e-4) < 0.01  # the 8-bit floors may differ where a sum is a whole number
+    np.testing.assert_allclose(np.median(np.abs(got[i] - want)), 0, atol=1e-5)
+  assert np.mean(np.asarray(got) > x + 0.05) > 0.05  # snow brightens
+
+
 def test_mnist_translate_shifts_and_stripe_inverts():
   out = corruptions.corrupt(MNIST_IMAGES[:1], table.MNIST, 'translate', 2)[0, ..., 0].astype(int)
   image = MNIST_IMAGES[0, ..., 0].astype(int)
@@ -150,3 +203,13 @@ def test_read_corrupted_from_tfds_under_mock_data(tmp_path):
   assert raw.train_images.shape[1:] == (32, 32, 3)
   with pytest.raises(ValueError, match='--severity'):
     corruptions.tfds_config(table.MNIST, 'shot_noise', 3)
+
+
+def test_every_corruption_names_a_tfds_config():
+  import tensorflow_datasets as tfds
+
+  for dataset in (table.CIFAR, table.MNIST):
+    configs = {config.name for config in tfds.builder_cls(dataset).BUILDER_CONFIGS}
+    for name in table.names(dataset):
+      severity = table.MNIST_C_SEVERITY.get(name, 1) if dataset == table.MNIST else 3
+      assert corruptions.tfds_config(dataset, name, severity).split('/')[1] in configs, name

@@ -22,22 +22,20 @@ CLEAN = {CIFAR: 'cifar10', MNIST: 'mnist'}
 HOW: dict[str, dict[str, str]] = {
     CIFAR: {name: 'exact' for name in (
         'gaussian_noise', 'shot_noise', 'impulse_noise', 'speckle_noise', 'gaussian_blur', 'defocus_blur',
-        'glass_blur', 'zoom_blur', 'contrast', 'brightness', 'saturate', 'pixelate', 'fog', 'elastic_transform')}
+        'glass_blur', 'zoom_blur', 'contrast', 'brightness', 'saturate', 'pixelate', 'fog', 'elastic_transform',
+        'motion_blur', 'snow')}
     | {'jpeg_compression': 'exact_host'},
     MNIST: {name: 'exact' for name in (
-        'shot_noise', 'impulse_noise', 'glass_blur', 'shear', 'scale', 'rotate', 'brightness', 'translate',
-        'stripe', 'fog', 'spatter', 'dotted_line', 'zigzag')},
+        'shot_noise', 'impulse_noise', 'glass_blur', 'motion_blur', 'shear', 'scale', 'rotate', 'brightness',
+        'translate', 'stripe', 'fog', 'spatter', 'dotted_line', 'zigzag')},
 }
 
 LEFT_OUT: dict[str, dict[str, str]] = {
     CIFAR: {
-        'motion_blur': "ImageMagick's MagickMotionBlurImage kernel (through wand); not reimplemented",
-        'snow': "needs ImageMagick's motion blur (wand) for the snow layer",
         'frost': 'needs the frost image assets of the robustness repository',
         'spatter': "severities 1-3 need OpenCV's Canny, distance transform and histogram equalization",
     },
     MNIST: {
-        'motion_blur': "ImageMagick's MagickMotionBlurImage kernel (through wand); not reimplemented",
         'canny_edges': "needs scikit-image's Canny edge detector (hysteresis thresholds, its own smoothing)",
     },
 }

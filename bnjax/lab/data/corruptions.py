@@ -54,6 +54,10 @@ CIFAR_PARAMS = {
     'saturate': [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
     'jpeg_compression': [80, 65, 58, 50, 40],
     'pixelate': [0.95, 0.9, 0.85, 0.75, 0.65],
+    'motion_blur': [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+    # (loc, scale, zoom, threshold, motion-blur radius, sigma, weight kept of the image)
+    'snow': [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
     # (alpha, sigma, affine) as fractions of the image size 32
     'elastic_transform': [tuple(32 * v for v in c) for c in
                           ((0, 0, .08), (.05, .2, .07), (.08, .06, .06), (.1, .04, .05), (.1, .03, .03))],
@@ -70,6 +74,7 @@ MNIST_PARAMS = {
     'rotate': [0.2, 0.4, 0.6, 0.8, 1.],
     'scale': [1 / .9, 1 / .8, 1 / .7, 1 / .6, 1 / .5],
     'translate': [1, 2, 3, 4, 5],
+    'motion_blur': [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],
 }
 FOG_MAPSIZE = {table.CIFAR: 32, table.MNIST: 256}
 
@@ -419,6 +424,55 @@ def _spatter_mud(key, x, loc, scale, sigma, threshold, mud_sigma):
   return jnp.clip(x * (1 - mask) + 63 / 255 * mask, 0, 1)
 
 
+def motion_blur_taps(radius: float, sigma: float) -> np.ndarray:
+  """ImageMagick 6's `MotionBlurImage` kernel: the half Gaussian exp(-i^2 / (2 sigma^2)), i = 0 .. 2 ceil(radius),
+  normalized (`GetOptimalKernelWidth1D`'s width for radius > 0)."""
+  taps = np.exp(-np.arange(int(2 * np.ceil(radius) + 1)) ** 2 / (2.0 * sigma * sigma))
+  return taps / taps.sum()
+
+
+def motion_blur(x: Array, radius: float, sigma: float, angle: Array) -> Array:
+  """ImageMagick 6's `MotionBlurImage(radius, sigma, angle)` (what the definitions call through wand) of x
+  `[H, W, C]`: output pixel (row, col) = sum_i taps[i] * x[row + dy_i, col + dx_i], the offsets
+  `dx_i = ceil(i cos(angle) - 0.5)`, `dy_i = ceil(i sin(angle) - 0.5)` (angle in degrees), pixels beyond the
+  edge repeating the edge (ImageMagick's default virtual pixels). ImageMagick's 8-bit result is the floor of
+  this sum (checked against it), which `corrupt`'s truncation gives. The offsets are computed in float32
+  (ImageMagick: double): they differ only at angles where `i sin(angle) - 0.5` rounds onto a whole number
+  (e.g. exactly -30 degrees), which random angles almost never hit."""
+  h, w = x.shape[:2]
+  radians = jnp.deg2rad(angle)
+  rows, cols = jnp.arange(h), jnp.arange(w)
+  out = jnp.zeros_like(x)
+  for i, tap in enumerate(motion_blur_taps(radius, sigma)):
+    dy = jnp.ceil(i * jnp.sin(radians) - 0.5).astype(jnp.int32)
+    dx = jnp.ceil(i * jnp.cos(radians) - 0.5).astype(jnp.int32)
+    out = out + float(tap) * x[jnp.clip(rows + dy, 0, h - 1)][:, jnp.clip(cols + dx, 0, w - 1)]
+  return out
+
+
+def _snow(key, x, *c):
+  """make_cifar_c.py's `snow`, its random draws from `key` (see `snow`)."""
+  k_layer, k_angle = jax.random.split(key)
+  noise = jax.random.normal(k_layer, x.shape[:2], jnp.float32)
+  return snow(x, noise, jax.random.uniform(k_angle, (), jnp.float32, -135.0, -45.0), *c)
+
+
+def snow(x: Array, noise: Array, angle: Array, loc, scale, zoom, threshold, radius, sigma, keep) -> Array:
+  """make_cifar_c.py's `snow` of x `[H, W, 3]` given its draws (`noise [H, W]` standard normal, `angle` from
+  U(-135, -45)): the snow layer `loc + scale * noise`, zoomed (`clipped_zoom`), zero below `threshold`, saved
+  as 8-bit (truncated), motion-blurred (`motion_blur`; 8-bit, floor), added to the image and to itself rotated
+  by 180 degrees, over the image moved towards `max(x, 1.5 gray(x) + 0.5)` (OpenCV's RGB2GRAY weights) by
+  1 - `keep`. Clipped to [0, 1]."""
+  m = jnp.asarray(clipped_zoom_matrix(x.shape[0], float(zoom)), jnp.float32)
+  layer = m @ (loc + scale * noise) @ m.T
+  layer = jnp.where(layer < threshold, 0.0, layer)
+  layer = jnp.floor(jnp.clip(layer, 0, 1) * 255)[..., None]
+  layer = jnp.floor(motion_blur(layer, radius, sigma, angle) + 1e-3) / 255
+  gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+  x = keep * x + (1 - keep) * jnp.maximum(x, gray * 1.5 + 0.5)
+  return jnp.clip(x + layer + layer[::-1, ::-1], 0, 1)
+
+
 def _elastic(key, x, alpha, sigma, affine):
   """make_cifar_c.py's `elastic_transform`, its random draws from `key` (see `elastic_transform`)."""
   k_affine, k_dx, k_dy = jax.random.split(key, 3)
@@ -469,6 +523,8 @@ def corruption_fn(dataset: str, name: str, severity: int):
         'saturate': lambda k, x: jnp.clip(saturate_rgb(x, c[0], c[1]), 0, 1),
         'pixelate': lambda k, x: _pixelate(x, c),
         'elastic_transform': lambda k, x: _elastic(k, x, *c),
+        'motion_blur': lambda k, x: motion_blur(x, c[0], c[1], jax.random.uniform(k, (), jnp.float32, -45, 45)),
+        'snow': lambda k, x: _snow(k, x, *c),
     }
     return fns[name]
   c = MNIST_PARAMS.get(name, [None] * 5)[s]
@@ -482,6 +538,7 @@ def corruption_fn(dataset: str, name: str, severity: int):
       'stripe': lambda k, x: x.at[:, :7].set(1 - x[:, :7]).at[:, 21:].set(1 - x[:, 21:]),
       'dotted_line': _dotted_line,
       'zigzag': _zigzag,
+      'motion_blur': lambda k, x: motion_blur(x, c[0], c[1], jax.random.uniform(k, (), jnp.float32, -45, 45)),
   }
   if name in ('shear', 'rotate', 'scale', 'translate'):
     return lambda k, x: _mnist_affine(name, k, x, c)
@@ -552,11 +609,15 @@ def exactness() -> dict[str, dict[str, str]]:
 # Reading a corrupted data set: the clean training split, the corrupted test split.
 
 
+# CIFAR-10-C corruptions that TFDS's cifar10_corrupted names otherwise.
+TFDS_CIFAR_NAMES = {'glass_blur': 'frosted_glass_blur', 'elastic_transform': 'elastic'}
+
+
 def tfds_config(dataset: str, name: str, severity: int) -> str:
   """The TFDS builder config: `cifar10_corrupted/<name>_<severity>`, `mnist_corrupted/<name>` (MNIST-C has
   one severity per corruption, `corruption_table.MNIST_C_SEVERITY`; other severities are generated only)."""
   if dataset == table.CIFAR:
-    return f'{dataset}/{name}_{severity}'
+    return f'{dataset}/{TFDS_CIFAR_NAMES.get(name, name)}_{severity}'
   published = table.MNIST_C_SEVERITY.get(name)
   if published is not None and severity != published:
     raise ValueError(f'--severity={severity} is invalid with --data_source=tfds and --corruption={name}: '
