@@ -89,14 +89,14 @@ def kernel_grad_chunk(size):
     conv_lib.KERNEL_GRAD_CHUNK = original
 
 
-def jax_contender(model, images, labels, batch, mesh=None, chunk=None):
+def jax_contender(model, images, labels, batch, mesh=None, chunk=None, tx=None):
   """`run(steps)`: one jitted SGD step per call (state donated); `run.compiled_text` its HLO.
 
   With a `mesh`, the step runs data-parallel under `shard_map`: each device
   takes its slice of the batch, BN synchronizes over `AXIS` (the model's
   norm must say so), and the replicated parameters' gradients are summed.
   """
-  tx = optimizer()
+  tx = tx or optimizer()
   variables = model.init(jax.random.key(0), images[:1])
   state = (variables['params'], variables['batch_stats'], tx.init(variables['params']))
   local = batch if mesh is None else batch // mesh.size
@@ -220,6 +220,8 @@ def contenders(batch, depth=20, levers=True):
       if chunk < batch:
         found[f'lever: kernel gradients over {chunk}-image slices'] = jax_contender(
             resnet.ResNet(depth=depth), images, labels, batch, chunk=chunk)
+    found['lever: SGD over one flattened vector (optax.flatten)'] = jax_contender(
+        resnet.ResNet(depth=depth), images, labels, batch, tx=optax.flatten(optimizer()))
   flax_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
   found['flax recipe (nn.Conv, nn.BatchNorm)'] = jax_contender(
       resnet.ResNet(depth=depth, norm=flax_norm, conv=nn.Conv), images, labels, batch)
