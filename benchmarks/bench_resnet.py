@@ -10,7 +10,8 @@ process, alternating one contender after the other, median of rounds:
 - bnjax data-parallel over the CPU devices (`--cpu_devices`, default one per
   core; BN synchronized with `axis_name`, one collective per BN layer);
 - lever rows: bnjax with `flax.linen.Conv` (no kernel-gradient slices), and
-  with the kernel gradients over 16- and 32-image slices;
+  with the kernel gradients over 16- and 32-image slices, and with SGD over
+  one flattened parameter vector (`optax.flatten`);
 - the usual Flax recipe: the same network with `flax.linen.Conv`,
   `flax.linen.BatchNorm` and optax;
 - PyTorch, if installed (a benchmark-only dependency): the same network,
